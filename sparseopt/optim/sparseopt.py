@@ -1,0 +1,252 @@
+"""``SparseOpt``: the sparsity-aware diagonal preconditioner around any optimizer.
+
+One step (``precondition=True``):
+
+1. ``g_W[i] *= c_i * m`` for every masked weight ``W`` (rows / output channels
+   ``i``, ``c_i = sqrt(n_i / n_avg)``, ``m`` the mask): undoes BatchNorm's
+   ``1/sqrt(1 - s_i)`` amplification and masks the gradient in one multiply;
+2. optionally clip the global gradient norm to ``max_grad_norm`` (the paper's
+   direction-only ablation, appendix F);
+3. the base optimizer's step (SGD with momentum in the paper, or any other);
+4. ``W *= m``: masked weights are exactly zero after every step.
+
+With ``precondition=False`` the same object is the plain masked DST baseline
+(``c_i = 1``): comparisons between the two change nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..masks.maskset import MaskSet
+from .preconditioner import gradient_multiplier, neuron_scales
+from .wrapper import OptimizerWrapper, grads_of
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
+)
+LAYER_CHOICES = ("all", "normalized")
+
+
+class NormalizedLayerFinder:
+    """Finds the masked layers whose output feeds a normalization layer.
+
+    Watches the model's first forward pass: a masked layer is *normalized*
+    when the very tensor it returns is the input of a BatchNorm / LayerNorm /
+    GroupNorm module. Works for any model, without tracing.
+    """
+
+    def __init__(self, model: nn.Module, masks: MaskSet):
+        self.found: list[str] | None = None
+        self._outputs: dict[int, tuple[str, torch.Tensor]] = {}
+        self._feeds: set[str] = set()
+        self._handles = []
+        for layer in masks:
+            self._handles.append(layer.module.register_forward_hook(self._record(layer.name)))
+        for module in model.modules():
+            if isinstance(module, NORM_TYPES):
+                self._handles.append(module.register_forward_pre_hook(self._check))
+        self._handles.append(model.register_forward_hook(self._finish))
+        self._order = masks.names
+
+    def _record(self, name: str):
+        def hook(module, args, output):
+            self._outputs[id(output)] = (name, output)
+        return hook
+
+    def _check(self, module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            hit = self._outputs.get(id(args[0]))
+            if hit is not None and hit[1] is args[0]:
+                self._feeds.add(hit[0])
+
+    def _finish(self, module, args, output):
+        self.found = [n for n in self._order if n in self._feeds]
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks (after the first forward pass, or when the answer is known)."""
+        self._outputs.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class SparseOpt(OptimizerWrapper):
+    """Wrap ``base`` so that it trains the sparse model of ``masks`` (optionally preconditioned).
+
+    Args:
+        base: any ``torch.optim.Optimizer`` (or wrapper such as :class:`~sparseopt.HAM`)
+            holding every masked weight.
+        masks: the model's :class:`~sparseopt.MaskSet`.
+        precondition: apply the SparseOpt scaling (``False``: plain masked DST baseline).
+        layers: which masked layers are preconditioned: ``"all"`` (default, as the
+            authors), ``"normalized"`` (only layers whose output feeds a
+            BatchNorm/LayerNorm/GroupNorm, detected on the model's first forward
+            pass), or an explicit list of layer names.
+        max_grad_norm: if set, clip the global gradient norm over all parameters
+            to this value after the correction (appendix F; default ``None``).
+        scale_weight_decay: fold the base optimizer's coupled weight decay into the
+            gradient *before* the scaling, as an L2 term in the loss would be
+            (JAX/Flax recipes). Default ``False``: PyTorch's SGD adds it after the
+            scaling, unscaled. Intended for SGD; AdamW's decay is decoupled.
+
+    Call :meth:`skip_next_step` to make the next :meth:`step` a no-op (the
+    topology updaters do this on mask-update steps, as reference RigL does).
+    """
+
+    def __init__(
+        self,
+        base: Optimizer,
+        masks: MaskSet,
+        *,
+        precondition: bool = True,
+        layers: str | Sequence[str] = "all",
+        max_grad_norm: float | None = None,
+        scale_weight_decay: bool = False,
+    ):
+        super().__init__(base)
+        if not isinstance(masks, MaskSet):
+            raise TypeError(f"masks must be a sparseopt.MaskSet, got {type(masks).__name__}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
+        held = {id(p) for group in base.param_groups for p in group["params"]}
+        missing = [layer.name for layer in masks if id(layer.weight) not in held]
+        if missing:
+            raise ValueError(
+                f"the base optimizer does not hold the weights of masked layers {missing}; "
+                "build it from model.parameters() (every masked weight must be optimized)"
+            )
+        self.masks = masks
+        self.precondition = bool(precondition)
+        self.max_grad_norm = max_grad_norm
+        self.scale_weight_decay = bool(scale_weight_decay)
+        self._finder: NormalizedLayerFinder | None = None
+        if isinstance(layers, str):
+            if layers not in LAYER_CHOICES:
+                raise ValueError(f"unknown layers={layers!r}; choose one of {list(LAYER_CHOICES)} or a list of layer names")
+            self.layers = layers
+            self._selected: list[str] | None = masks.names if layers == "all" else None
+            if layers == "normalized":
+                self._finder = NormalizedLayerFinder(masks.model, masks)
+        else:
+            unknown = sorted(set(layers) - set(masks.names))
+            if unknown:
+                raise ValueError(f"layers {unknown} are not masked; masked layers are {masks.names}")
+            self.layers = "custom"
+            self._selected = [n for n in masks.names if n in set(layers)]
+        self._skip_next = False
+        self._cache_version = -1
+        self._cache_selected: list[str] | None = None
+        self._multipliers: dict[int, torch.Tensor] = {}
+
+    # -- which layers ---------------------------------------------------------------
+    @property
+    def preconditioned_layers(self) -> list[str]:
+        """Names of the layers whose gradients are scaled (empty for the baseline)."""
+        if not self.precondition:
+            return []
+        if self._selected is None:
+            if self._finder is None or self._finder.found is None:
+                raise RuntimeError(
+                    "layers='normalized' is detected on the model's first forward pass; "
+                    "run a forward pass before calling step() or reading preconditioned_layers"
+                )
+            self._selected = self._finder.found
+        return list(self._selected)
+
+    def layer_scales(self) -> list[torch.Tensor]:
+        """Per-layer ``c`` vectors as applied now (ones for layers that are not preconditioned)."""
+        selected = set(self.preconditioned_layers)
+        return [
+            neuron_scales(layer.mask) if layer.name in selected else torch.ones(layer.mask.shape[0])
+            for layer in self.masks
+        ]
+
+    def _refresh(self) -> None:
+        # Recomputed only when a mask changed: otherwise the step is one multiply per weight.
+        selected = self.preconditioned_layers
+        if self._cache_version == self.masks.version and self._cache_selected == selected:
+            return
+        chosen = set(selected)
+        self._multipliers = {
+            id(layer.weight): gradient_multiplier(layer.mask, layer.name in chosen, layer.weight.dtype)
+            for layer in self.masks
+        }
+        self._cache_version = self.masks.version
+        self._cache_selected = selected
+
+    # -- the step -----------------------------------------------------------------------
+    def skip_next_step(self) -> None:
+        self._skip_next = True
+
+    @torch.no_grad()
+    def precondition_grads_(self) -> None:
+        """Mask (and, if enabled, precondition) the gradients of the masked weights in place."""
+        self._refresh()
+        params, grads = grads_of(layer.weight for layer in self.masks)
+        if params:
+            torch._foreach_mul_(grads, [self._multipliers[id(p)] for p in params])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._skip_next:
+            self._skip_next = False
+            return loss
+        saved_decay = self._fold_weight_decay() if self.scale_weight_decay else None
+        try:
+            self.precondition_grads_()
+            if self.max_grad_norm is not None:
+                params, _ = grads_of(p for g in self.param_groups for p in g["params"])
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+            self.base.step()
+        finally:
+            if saved_decay is not None:
+                for group, wd in zip(self.param_groups, saved_decay):
+                    group["weight_decay"] = wd
+        self.masks.apply_()
+        return loss
+
+    def _fold_weight_decay(self) -> list[Any]:
+        """Move coupled weight decay into the gradients; the base step then sees wd = 0."""
+        saved = []
+        for group in self.param_groups:
+            wd = group.get("weight_decay", 0.0)
+            saved.append(wd)
+            if wd:
+                params, grads = grads_of(group["params"])
+                if params:
+                    torch._foreach_add_(grads, params, alpha=wd)
+                group["weight_decay"] = 0.0
+        return saved
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def wrapper_state(self) -> dict[str, Any]:
+        return {
+            "precondition": self.precondition,
+            "layers": self.layers,
+            "selected": self._selected,
+            "max_grad_norm": self.max_grad_norm,
+            "scale_weight_decay": self.scale_weight_decay,
+            "skip_next": self._skip_next,
+        }
+
+    def load_wrapper_state(self, state: dict[str, Any]) -> None:
+        for key in ("precondition", "scale_weight_decay"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"checkpoint was written with {key}={state[key]}, this SparseOpt has {getattr(self, key)}")
+        if state["selected"] is not None:
+            self._selected = list(state["selected"])
+            if self._finder is not None:
+                self._finder.close()  # the checkpoint already knows the layers
+        self._skip_next = bool(state["skip_next"])
+        self._cache_version = -1

@@ -1,0 +1,8 @@
+"""Topology updates of dynamic sparse training."""
+
+from .optim_state import zero_state_
+from .schedule import drop_fraction, is_update_step
+from .selection import prune_and_grow
+from .updaters import SET, DSTUpdater, RigL, Static
+
+__all__ = ["SET", "DSTUpdater", "RigL", "Static", "drop_fraction", "is_update_step", "prune_and_grow", "zero_state_"]

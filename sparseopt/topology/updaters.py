@@ -1,0 +1,248 @@
+"""Topology updaters: ``Static``, ``SET`` and ``RigL``.
+
+An updater is a peer of the optimizer with its own ``step()`` and
+``state_dict()``; call it once per iteration after ``loss.backward()`` and
+before ``optimizer.step()``::
+
+    loss.backward()
+    topology.step()     # on schedule: prune by magnitude, grow (random / by |dense grad|)
+    optimizer.step()
+
+Reference RigL conventions (google-research/rigl), each configurable:
+
+* ``keep_regrown``: a connection dropped and regrown in the same update keeps
+  its value and optimizer state (it never left the network);
+* ``reset_optimizer_state``: a newly grown connection starts at 0 (inactive
+  weights are exactly 0) with every optimizer state tensor of the
+  parameter's shape zeroed at its position;
+* ``skip_update``: the weight update of the step that changes the topology is
+  skipped (its gradient was computed for the old mask).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ..masks.maskset import MaskedLayer, MaskSet
+from ..masks.neurons import neuron_shape
+from .optim_state import zero_state_
+from .schedule import drop_fraction, is_update_step
+from .selection import prune_and_grow
+
+GROWTH_GRADIENTS = ("original", "corrected")
+
+
+class Static:
+    """Static sparse training: the masks never change. ``step()`` only counts iterations."""
+
+    dynamic = False
+
+    def __init__(self, masks: MaskSet, optimizer: Optimizer | None = None):
+        if not isinstance(masks, MaskSet):
+            raise TypeError(f"masks must be a sparseopt.MaskSet, got {type(masks).__name__}")
+        self.masks = masks
+        self.optimizer = optimizer
+        self.t = 0
+        self.num_updates = 0
+        self.last_update: dict[str, Any] | None = None
+
+    def step(self) -> bool:
+        """Advance one iteration; returns whether the topology changed."""
+        self.t += 1
+        return False
+
+    def config(self) -> dict[str, Any]:
+        return {"method": type(self).__name__}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "t": self.t, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("type") != type(self).__name__:
+            raise ValueError(f"topology state was written by {state.get('type')}, cannot load it into {type(self).__name__}")
+        self.t = int(state["t"])
+        self.num_updates = int(state["num_updates"])
+
+
+class DSTUpdater(Static):
+    """Prune-and-grow on a schedule; subclasses define the growth scores.
+
+    Args:
+        masks: the :class:`~sparseopt.MaskSet` to update (its single owner).
+        optimizer: the optimizer whose state is reset for new connections and
+            whose next step is skipped on update steps (a :class:`~sparseopt.SparseOpt`
+            when ``skip_update=True``).
+        delta_t: iterations between topology updates (CIFAR default 100).
+        alpha: initial drop fraction of the cosine schedule (default 0.3).
+        t_end: last iteration with updates; default ``int(0.75 * total_steps)``.
+        total_steps: total training iterations (needed when ``t_end`` is not given,
+            and used to reject a ``t_end`` past the end of training).
+    """
+
+    dynamic = True
+
+    def __init__(
+        self,
+        masks: MaskSet,
+        optimizer: Optimizer | None = None,
+        *,
+        delta_t: int = 100,
+        alpha: float = 0.3,
+        t_end: int | None = None,
+        total_steps: int | None = None,
+        keep_regrown: bool = True,
+        reset_optimizer_state: bool = True,
+        skip_update: bool = True,
+    ):
+        super().__init__(masks, optimizer)
+        if not isinstance(delta_t, int) or delta_t < 1:
+            raise ValueError(f"delta_t must be a positive integer, got {delta_t!r}")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha (initial drop fraction) must be in [0, 1], got {alpha!r}")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if t_end is None:
+            if total_steps is None:
+                raise ValueError("give t_end, or total_steps to use the default t_end = 0.75 * total_steps")
+            t_end = int(0.75 * total_steps)
+        if not isinstance(t_end, int) or t_end < 1:
+            raise ValueError(f"t_end must be a positive integer, got {t_end!r}")
+        if total_steps is not None and t_end > total_steps:
+            raise ValueError(f"t_end={t_end} is past the end of training (total_steps={total_steps}); use t_end <= total_steps")
+        if (skip_update or reset_optimizer_state) and optimizer is None:
+            raise ValueError(
+                "pass the optimizer (to reset the state of new connections and skip the update step), "
+                "or set reset_optimizer_state=False and skip_update=False"
+            )
+        if skip_update and not hasattr(optimizer, "skip_next_step"):
+            raise ValueError(
+                f"skip_update=True needs an optimizer with skip_next_step(), such as sparseopt.SparseOpt "
+                f"(use SparseOpt(base, masks, precondition=False) for the plain baseline); got {type(optimizer).__name__}. "
+                "Or set skip_update=False"
+            )
+        self.delta_t = delta_t
+        self.alpha = float(alpha)
+        self.t_end = t_end
+        self.total_steps = total_steps
+        self.keep_regrown = keep_regrown
+        self.reset_optimizer_state = reset_optimizer_state
+        self.skip_update = skip_update
+
+    def drop_fraction(self, t: int | None = None) -> float:
+        return drop_fraction(self.t if t is None else t, self.alpha, self.t_end)
+
+    def step(self) -> bool:
+        updated = is_update_step(self.t, self.delta_t, self.t_end)
+        if updated:
+            self.update(self.drop_fraction())
+        self.t += 1
+        return updated
+
+    def grow_scores(self, index: int, layer: MaskedLayer) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update(self, fraction: float) -> None:
+        """Prune ``int(fraction * n_active)`` connections per layer and grow as many."""
+        changed = 0
+        for index, layer in enumerate(self.masks):
+            old = layer.mask
+            n_drop = int(fraction * int(old.sum()))
+            if n_drop == 0:
+                continue
+            kept, new = prune_and_grow(old, layer.weight.abs(), self.grow_scores(index, layer), n_drop)
+            # keep_regrown: a dropped-and-regrown connection never left (value and state kept);
+            # otherwise it restarts from 0 like any new connection.
+            fresh = new & ~(old if self.keep_regrown else kept)
+            layer.weight.masked_fill_(fresh | ~new, 0.0)
+            if self.reset_optimizer_state:
+                zero_state_(self.optimizer, layer.weight, fresh | ~new)
+            old.copy_(new)
+            changed += int(fresh.sum())
+        self.masks.mark_changed()
+        self.num_updates += 1
+        if self.skip_update:
+            self.optimizer.skip_next_step()
+        self.last_update = {"t": self.t, "drop_fraction": fraction, "grown": changed}
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "method": type(self).__name__,
+            "delta_t": self.delta_t,
+            "alpha": self.alpha,
+            "t_end": self.t_end,
+            "keep_regrown": self.keep_regrown,
+            "reset_optimizer_state": self.reset_optimizer_state,
+            "skip_update": self.skip_update,
+        }
+
+
+class SET(DSTUpdater):
+    """Sparse Evolutionary Training (Mocanu et al. 2018): grow uniformly at random.
+
+    The random generator is owned by the object, seeded with ``seed`` (the same
+    on every rank, so masks agree by construction) and saved in its state.
+    """
+
+    def __init__(self, masks: MaskSet, optimizer: Optimizer | None = None, *, seed: int = 0, **kwargs):
+        super().__init__(masks, optimizer, **kwargs)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def grow_scores(self, index: int, layer: MaskedLayer) -> torch.Tensor:
+        # Drawn on the CPU so the masks are the same on every device.
+        return torch.rand(layer.mask.shape, generator=self.generator).to(layer.mask.device)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
+
+
+class RigL(DSTUpdater):
+    """Rigging the Lottery (Evci et al. 2020): grow where the dense gradient is largest.
+
+    ``growth_gradient="original"`` (default) ranks by the raw dense gradient of
+    the current batch, as the paper recommends (higher ITOP, better accuracy);
+    ``"corrected"`` ranks by the SparseOpt-scaled gradient ``c_i * g`` (needs a
+    :class:`~sparseopt.SparseOpt` optimizer). In DDP runs the gradient is
+    already averaged over ranks when ``step()`` runs.
+    """
+
+    def __init__(self, masks: MaskSet, optimizer: Optimizer | None = None, *, growth_gradient: str = "original", **kwargs):
+        super().__init__(masks, optimizer, **kwargs)
+        if growth_gradient not in GROWTH_GRADIENTS:
+            raise ValueError(f"unknown growth_gradient {growth_gradient!r}; choose one of {list(GROWTH_GRADIENTS)}")
+        if growth_gradient == "corrected" and not hasattr(optimizer, "layer_scales"):
+            raise ValueError("growth_gradient='corrected' needs a sparseopt.SparseOpt optimizer (it supplies the scales)")
+        self.growth_gradient = growth_gradient
+        self._scales: list[torch.Tensor] | None = None
+
+    def update(self, fraction: float) -> None:
+        if self.growth_gradient == "corrected":
+            self._scales = self.optimizer.layer_scales()  # from the masks before this update
+        super().update(fraction)
+        self._scales = None
+
+    def grow_scores(self, index: int, layer: MaskedLayer) -> torch.Tensor:
+        grad = layer.weight.grad
+        if grad is None:
+            raise RuntimeError(
+                f"RigL needs the dense gradient of {layer.name!r}: call topology.step() after "
+                "loss.backward() and before optimizer.step() / zero_grad()"
+            )
+        score = grad.abs()
+        if self._scales is not None:
+            score = score * self._scales[index].to(score).reshape(neuron_shape(score))
+        return score
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "growth_gradient": self.growth_gradient}
