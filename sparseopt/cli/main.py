@@ -1,0 +1,57 @@
+"""``sparseopt`` command line: ``sparseopt <command> [options]``.
+
+    sparseopt train                       # the embedded default job (offline, ~1 minute on a CPU)
+    sparseopt train --config configs/cifar100_resnet20.yaml --sparsity 0.95 --data-dir ~/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..data.errors import DatasetError
+
+
+def cmd_train(argv: list[str]) -> int:
+    from ..train.compare import compare
+    from ..train.trainer import NonFiniteLoss, train
+    from .train_args import add_config_flags, parse_train_args
+
+    parser = argparse.ArgumentParser(prog="sparseopt train", description="Train one run (or a baseline/SparseOpt pair).")
+    add_config_flags(parser)
+    try:
+        cfg = parse_train_args(parser, argv).validate()
+        if cfg.compare_optimizers:
+            compare(cfg)
+        else:
+            train(cfg)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, DatasetError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {
+    "train": (cmd_train, "train a model with a DST method and optimizer"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:12s} {help_}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; choose one of {list(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[name][0](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Command-line flags generated from :class:`~sparseopt.train.config.TrainConfig`.
+
+Every config field ``name`` is a flag ``--name`` (underscores as dashes);
+booleans also get ``--no-name``. Values are type-checked by ``coerce``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import fields
+from importlib import resources
+from pathlib import Path
+
+from ..train.config import FIELDS, TrainConfig, _base_type, _field_type, make_config
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("sparseopt.train") / "configs" / "default.yaml"))
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: the embedded default job)")
+    group = parser.add_argument_group("config keys (override the file)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp, optional = _base_type(_field_type(f.name))
+        doc = (f.__doc__ or "").strip() if hasattr(f, "__doc__") else ""
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        elif typing.get_origin(tp) is list:
+            group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="N")
+        else:
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
+                               metavar=("VALUE|none" if optional else "VALUE"), help=doc or None)
+
+
+def parse_train_args(parser: argparse.ArgumentParser, argv: list[str]) -> TrainConfig:
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; valid config keys: "
+                         + ", ".join("--" + k.replace("_", "-") for k in sorted(FIELDS)))
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    base_file = args.config or default_config_path()
+    return make_config(base_file, overrides)

@@ -1,0 +1,71 @@
+"""Datasets of the paper's recipes, loaded from the formats users already have."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cifar import load_cifar
+from .device_loader import DeviceLoader
+from .download import download_dataset
+from .errors import DatasetError
+from .imagenet import imagenet_loader
+from .mnist import load_mnist
+
+BUNDLED = Path(__file__).resolve().parent / "bundled" / "mnist_subset.npz"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    in_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # standard augmentation for training (pad-crop-flip)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(10, (1, 28, 28), (0.1307,), (0.3081,), False),
+    "bundled_mnist": DatasetInfo(10, (1, 28, 28), (0.1307,), (0.3081,), False),
+    "fashion_mnist": DatasetInfo(10, (1, 28, 28), (0.2860,), (0.3530,), False),
+    "cifar10": DatasetInfo(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": DatasetInfo(100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "imagenet": DatasetInfo(1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
+}
+
+
+def load_bundled_mnist(train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The small real MNIST subset shipped inside the package (see bundled/README.md)."""
+    with np.load(BUNDLED) as d:
+        prefix = "train" if train else "test"
+        return torch.from_numpy(d[f"{prefix}_images"]).unsqueeze(1), torch.from_numpy(d[f"{prefix}_labels"].astype(np.int64))
+
+
+def load_tensors(name: str, data_dir: str | Path | None, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole dataset split as ``(uint8 images (N, C, H, W), int64 labels)``."""
+    if name == "bundled_mnist":
+        return load_bundled_mnist(train)
+    if data_dir is None:
+        raise DatasetError(f"dataset {name!r} needs --data-dir (the folder holding its files), or --download with --data-dir")
+    if name in ("mnist", "fashion_mnist"):
+        return load_mnist(data_dir, name, train)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(data_dir, name, train)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+
+
+def subset(images: torch.Tensor, labels: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of ``n`` examples (the same for every run seed)."""
+    if n is None or n >= len(labels):
+        return images, labels
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return images[keep], labels[keep]
+
+
+__all__ = [
+    "BUNDLED", "DATASETS", "DatasetError", "DatasetInfo", "DeviceLoader", "download_dataset", "imagenet_loader",
+    "load_bundled_mnist", "load_cifar", "load_mnist", "load_tensors", "subset",
+]

@@ -1,0 +1,84 @@
+"""A loader for datasets held whole on the training device as uint8 tensors.
+
+Each epoch's order and augmentation come from generators seeded with
+``(seed, epoch)``, so an epoch is the same whether or not the run was resumed.
+In a distributed run each rank takes every ``world_size``-th index of the same
+permutation (a disjoint shard of equal size).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .augment import random_crop_flip
+
+
+class DeviceLoader:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        train: bool,
+        augment: bool = False,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool | None = None,
+        channels_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.train, self.augment, self.seed = train, augment, seed
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = train if drop_last is None else drop_last
+        self.channels_last = channels_last
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).reshape(shape) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).reshape(shape) * 255.0)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = self.images.shape[0]
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        order = order[self.rank :: self.world_size]
+        if self.train:  # equal shard sizes keep the ranks' step counts in lockstep
+            order = order[: n // self.world_size]
+        # evaluation: disjoint shards covering every example once (sums are reduced over ranks)
+        return order.to(self.device)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._indices())
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = self._indices()
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.images[idx].float()
+            if self.augment:  # on raw pixels, so the padding is black as in the standard recipe
+                x = random_crop_flip(x, g)
+            x = (x - self.mean) * self.inv_std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]

@@ -1,0 +1,85 @@
+"""From a config to the objects of a run: model, masks, optimizer chain, topology updater.
+
+The optimizer chain is ``SparseOpt(HAM(SGD))`` (HAM optional): SparseOpt
+corrects the gradient, HAM's base step runs (SGD with momentum), then HAM's
+hyperbolic step, then SparseOpt re-applies the masks. ``optimizer=sgd`` builds
+the same chain with ``precondition=False``, so baseline and SparseOpt differ in
+that one switch. Dense runs have no masks: ``SGD`` or ``HAM(SGD)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data import DATASETS
+from ..masks.maskset import MaskSet, sparsify
+from ..models import build_model
+from ..optim import HAM, SparseOpt
+from ..topology import SET, RigL, Static
+from .config import TrainConfig
+
+
+@dataclass
+class RunObjects:
+    model: nn.Module
+    masks: MaskSet | None
+    optimizer: torch.optim.Optimizer
+    topology: Static | None
+
+
+def make_model(cfg: TrainConfig) -> nn.Module:
+    info = DATASETS[cfg.dataset]
+    kwargs = {}
+    if cfg.model == "mlp":
+        kwargs = {"hidden": cfg.mlp_hidden, "norm": cfg.mlp_norm}
+    elif cfg.model != "resnet50":
+        kwargs = {"shortcut": cfg.shortcut}
+    return build_model(cfg.model, info.num_classes, in_shape=info.in_shape, **kwargs)
+
+
+def effective_delta_t(cfg: TrainConfig) -> int:
+    """``delta_t`` rescaled to the run's batch when the config names a reference batch (ImageNet recipe)."""
+    if cfg.delta_t_batch is None:
+        return cfg.delta_t
+    return max(1, round(cfg.delta_t * cfg.delta_t_batch / cfg.batch_size))
+
+
+def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: float) -> RunObjects:
+    """Masks, optimizer chain and topology updater around an already placed ``model``."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        # Weight decay on conv/linear weights only, not on biases and norm parameters.
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(
+        [g for g in groups if g["params"]], lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+    )
+    if cfg.ham:
+        optimizer = HAM(optimizer, alpha=cfg.ham_alpha, beta=cfg.ham_beta)
+    if cfg.dst == "dense":
+        return RunObjects(model, None, optimizer, None)
+
+    masks = sparsify(
+        model, cfg.sparsity, cfg.distribution, power_scale=cfg.power_scale, dense_first=cfg.dense_first,
+        dense_last=cfg.dense_last, init=cfg.init, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    optimizer = SparseOpt(
+        optimizer, masks, precondition=cfg.optimizer == "sparseopt", layers=cfg.precondition_layers,
+        max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay,
+    )
+    if cfg.dst == "static":
+        topology: Static = Static(masks, optimizer)
+    else:
+        common = dict(
+            delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
+            total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
+            skip_update=cfg.skip_update,
+        )
+        if cfg.dst == "set":
+            topology = SET(masks, optimizer, seed=cfg.seed, **common)
+        else:
+            topology = RigL(masks, optimizer, growth_gradient=cfg.growth_grad, **common)
+    return RunObjects(model, masks, optimizer, topology)

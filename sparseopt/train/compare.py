@@ -1,0 +1,79 @@
+"""Train the same config with the masked-SGD baseline and with SparseOpt, and compare them.
+
+Writes ``<out>/sgd/``, ``<out>/sparseopt/`` (complete run folders) and
+``<out>/comparison.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .io import atomic_write, write_json
+from .trainer import run_name, train
+
+VARIANTS = ("sgd", "sparseopt")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def comparison_table(histories: dict[str, list[dict[str, Any]]]) -> str:
+    names = list(histories)
+    lines = ["| epoch | " + " | ".join(f"{n} test acc (%)" for n in names) + " | difference |",
+             "|---:|" + "---:|" * len(names) + "---:|"]
+    epochs = max(len(h) for h in histories.values())
+    for e in range(epochs):
+        accs = [h[e]["test_acc"] if e < len(h) else float("nan") for h in histories.values()]
+        lines.append(f"| {e + 1} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {accs[-1] - accs[0]:+.2f} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(histories: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, hist in histories.items():
+        epochs = [m["epoch"] for m in hist]
+        axes[0].plot(epochs, [m["test_acc"] for m in hist], marker="o", label=f"{name} (test)")
+        axes[0].plot(epochs, [m["train_acc"] for m in hist], linestyle="--", label=f"{name} (train)")
+        axes[1].plot(epochs, [m["train_loss"] for m in hist], marker="o", label=name)
+    axes[0].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def compare(cfg: TrainConfig) -> dict[str, Any]:
+    out = Path(cfg.out if cfg.out else Path("runs") / f"compare-{run_name(cfg)}")
+    histories, results = {}, {}
+    for variant in VARIANTS:
+        sub = dataclasses.replace(cfg, optimizer=variant, out=str(out / variant), compare_optimizers=False)
+        print(f"== {variant}: {'masked SGD baseline' if variant == 'sgd' else 'SparseOpt'} -> {out / variant}", flush=True)
+        results[variant] = train(sub)
+        histories[variant] = read_metrics(out / variant)
+    title = f"{cfg.dataset} {cfg.model}, {cfg.dst} at {100 * cfg.sparsity:g}% sparsity, seed {cfg.seed}"
+    table = comparison_table(histories)
+    plot = plot_comparison(histories, out / "comparison.png", title)
+    atomic_write(out / "comparison.md", lambda f: f.write(f"# {title}\n\n{table}\n".encode()))
+    summary = {v: {"final_test_acc": r["final"]["test_acc"], "best_test_acc": r["best_test_acc"]} for v, r in results.items()}
+    write_json(out / "comparison.json", {"title": title, "runs": {v: str(out / v) for v in VARIANTS}, "summary": summary})
+    print(f"\n{title}\n{table}")
+    print(f"\nwrote {out / 'comparison.md'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
+    return summary

@@ -1,0 +1,88 @@
+"""Atomic file writes, safe checkpoint loading and the run's environment record."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash mid-write leaves the previous file intact (``os.replace`` is atomic).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip, refused globals
+        raise ValueError(f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {e})") from None
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device, seed: int, world_size: int = 1) -> dict[str, Any]:
+    import numpy
+
+    from .. import __version__
+
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "sparseopt": __version__,
+        "git_revision": git_revision(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "hostname": socket.gethostname(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "world_size": world_size,
+        "seed": seed,
+        "argv": sys.argv,
+    }
+    return env

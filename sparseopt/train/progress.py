@@ -1,0 +1,32 @@
+"""A per-epoch progress bar (tqdm when installed and writing to a terminal; silent otherwise)."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.last = 0
+
+    def update(self, done: int, *, loss: float, acc: float, ips: float) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.last)
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}%", img_s=f"{ips:.0f}", refresh=False)
+        self.last = done
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False

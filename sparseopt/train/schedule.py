@@ -1,0 +1,23 @@
+"""Learning-rate schedule of the paper's recipes (appendix E.2), as a pure function."""
+
+from __future__ import annotations
+
+import math
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak: float, lr_min: float = 0.0) -> float:
+    """Linear warmup from ~0 to ``peak`` over ``warmup_steps``, then cosine decay to ``lr_min``.
+
+    ``step`` is 0-based; the first step uses ``peak / warmup_steps`` and the
+    last warmup step reaches ``peak``.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return lr_min + 0.5 * (peak - lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+def peak_lr(base_lr: float, batch_size: int, batch_scaling: bool) -> float:
+    """ImageNet recipe: ``base_lr * batch / 256``; CIFAR: ``base_lr``."""
+    return base_lr * batch_size / 256 if batch_scaling else base_lr

@@ -1,0 +1,412 @@
+"""The training loop of ``sparseopt train``: one config in, one run folder out.
+
+Run folder::
+
+    config.yaml      resolved configuration (every key)
+    env.json         versions, device, seed, git revision, notes
+    metrics.jsonl    one JSON line per epoch
+    checkpoint.pt    latest epoch, written atomically (model, masks, optimizer, topology, schedule)
+    results.json     final status and numbers (status: completed / diverged)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..data import DATASETS, DeviceLoader, download_dataset, imagenet_loader, load_tensors, subset
+from .build import build_run, effective_delta_t, make_model
+from .config import TrainConfig
+from .distributed import DistEnv, all_reduce_sum, check_masks_consistent, cleanup, init_distributed
+from .io import environment, load_checkpoint, save_checkpoint, write_json
+from .progress import Progress
+from .schedule import peak_lr, warmup_cosine_lr
+
+# Keys that may change between a run and its resume; every other key must match the checkpoint.
+RESUMABLE_KEYS = {"out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download",
+                  "compile", "device", "eval_batch_size", "check_masks", "compare_optimizers"}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """Stable, readable name of a run from its method fields."""
+    parts = [cfg.dataset, cfg.model, cfg.dst]
+    if cfg.dst != "dense":
+        parts += [cfg.optimizer, f"s{cfg.sparsity:g}"]
+    if cfg.ham:
+        parts.append("ham")
+    if cfg.renorm is not None:
+        parts.append(f"renorm{cfg.renorm:g}")
+    if cfg.growth_grad != "original":
+        parts.append(f"grow-{cfg.growth_grad}")
+    parts += [f"e{cfg.epochs}", f"seed{cfg.seed}"]
+    return "-".join(parts)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def prepare_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out if cfg.out else Path("runs") / run_name(cfg))
+    has_content = out.exists() and any(out.iterdir())
+    if cfg.resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise ValueError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
+    elif has_content and not cfg.overwrite:
+        raise FileExistsError(f"output folder {out} already exists: pass --resume to continue it or --overwrite to replace it")
+    return out
+
+
+def check_optional_loggers(cfg: TrainConfig) -> None:
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+
+
+def make_loaders(cfg: TrainConfig, device: torch.device, env: DistEnv):
+    info = DATASETS[cfg.dataset]
+    batch = cfg.batch_size // env.world_size
+    common = dict(mean=info.mean, std=info.std, seed=cfg.seed, device=device, rank=env.rank,
+                  world_size=env.world_size, channels_last=cfg.channels_last)
+    if cfg.dataset == "imagenet":
+        train = imagenet_loader(cfg.data_dir, True, batch, workers=cfg.workers, subset=cfg.train_subset, **common)
+        test = imagenet_loader(cfg.data_dir, False, cfg.eval_batch_size, workers=cfg.workers, subset=cfg.test_subset, **common)
+        return train, test
+    if cfg.download and env.is_main:
+        download_dataset(cfg.dataset, cfg.data_dir)
+    if env.enabled:
+        torch.distributed.barrier()
+    xtr, ytr = subset(*load_tensors(cfg.dataset, cfg.data_dir, train=True), cfg.train_subset)
+    xte, yte = subset(*load_tensors(cfg.dataset, cfg.data_dir, train=False), cfg.test_subset)
+    train = DeviceLoader(xtr, ytr, batch, train=True, augment=info.augment, **common)
+    test = DeviceLoader(xte, yte, cfg.eval_batch_size, train=False, **common)
+    if len(train) == 0:
+        raise ValueError(f"the training set has {train.num_samples} examples per rank, fewer than one batch of {batch}")
+    return train, test
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, env: DistEnv, autocast) -> dict[str, float]:
+    """Top-1, top-5 and loss over the whole test set (reduced over ranks)."""
+    was_training = model.training
+    model.eval()
+    sums = None
+    for x, y in loader:
+        with autocast():
+            out = model(x)
+        out = out.float()
+        top5 = out.topk(min(5, out.shape[1]), dim=1).indices
+        batch = torch.stack([
+            nn.functional.cross_entropy(out, y, reduction="sum"),
+            (top5[:, 0] == y).sum().float(),
+            (top5 == y[:, None]).any(dim=1).sum().float(),
+            torch.tensor(float(len(y)), device=out.device),
+        ])
+        sums = batch if sums is None else sums + batch
+    sums = all_reduce_sum(sums.double(), env)
+    model.train(was_training)
+    n = sums[3].item()
+    return {"test_loss": sums[0].item() / n, "test_acc": 100 * sums[1].item() / n, "test_top5": 100 * sums[2].item() / n}
+
+
+class Trainer:
+    """Builds everything from a config and runs it; ``run()`` returns the results dict."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg.validate()
+        self.device = resolve_device(cfg.device)
+        check_optional_loggers(cfg)
+        self.out = prepare_out_dir(cfg)
+        self.env = init_distributed(self.device.type)
+        if self.env.enabled and cfg.batch_size % self.env.world_size:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {self.env.world_size}")
+        if self.device.type == "cuda" and self.env.enabled:
+            self.device = torch.device("cuda", self.env.local_rank)
+        self.notes: list[str] = []
+        if self.device.type != "cuda":
+            for flag in ("bf16", "channels_last", "compile"):
+                if getattr(cfg, flag):
+                    self.notes.append(f"--{flag.replace('_', '-')} is a GPU speed option: ignored on {self.device.type}")
+            self.cfg = cfg = dataclasses.replace(cfg, bf16=False, channels_last=False, compile=False)
+        else:
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, flush=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    # -- set-up ------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.seed)
+        self.train_loader, self.test_loader = make_loaders(cfg, self.device, env)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        model = make_model(cfg)
+        if cfg.sync_bn and env.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.peak_lr = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_batch_scaling)
+        run = build_run(cfg, model, self.total_steps, self.peak_lr)
+        self.model, self.masks, self.optimizer, self.topology = run.model, run.masks, run.optimizer, run.topology
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine_lr(step, self.total_steps, warmup, self.peak_lr, cfg.lr_min) / max(self.peak_lr, 1e-30),
+        )
+        self.forward_model: nn.Module = model
+        if env.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if self.masks is not None:
+                # Masks are identical by construction: no need to broadcast them every forward.
+                ignore = [f"{name}.weight_mask" for name in self.masks.names]
+                DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+            self.forward_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.epoch = 0
+        self.step = 0
+        if cfg.resume:
+            self.load(self.out / "checkpoint.pt")
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": "sparseopt-checkpoint-v1",
+            "epoch": self.epoch,
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "masks": self.masks.state_dict() if self.masks is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "topology": self.topology.state_dict() if self.topology is not None else None,
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("format") != "sparseopt-checkpoint-v1":
+            raise ValueError(f"{path} is not a sparseopt training checkpoint")
+        saved, now = state["config"], self.cfg.to_dict()
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
+                 if k not in RESUMABLE_KEYS and k not in ("bf16", "channels_last") and saved.get(k) != now[k]]
+        if diffs:
+            raise ValueError(f"checkpoint {path} is from another configuration; differing keys: " + "; ".join(diffs))
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} does not fit this model: {e}") from None
+        if self.masks is not None:
+            self.masks.load_state_dict(state["masks"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.topology is not None:
+            self.topology.load_state_dict(state["topology"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.log(f"resumed from {path} at epoch {self.epoch} (step {self.step})")
+
+    # -- one epoch ----------------------------------------------------------------------------
+    def train_epoch(self, progress: Progress) -> dict[str, float]:
+        cfg = self.cfg
+        model, opt = self.forward_model, self.optimizer
+        model.train()
+        self.train_loader.set_epoch(self.epoch)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader):
+            with self.autocast():
+                out = model(x)
+                loss = self.criterion(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.topology is not None and self.topology.step() and cfg.check_masks:
+                check_masks_consistent(self.masks, self.env, self.step)
+            if self.masks is None and cfg.renorm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.renorm)
+            opt.step()
+            self.scheduler.step()
+            self.step += 1
+            sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
+                                 torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+            if (i + 1) % 10 == 0 or i + 1 == self.steps_per_epoch:
+                loss_sum, correct, n = sums.tolist()
+                if not math.isfinite(loss_sum):
+                    raise NonFiniteLoss(
+                        f"non-finite training loss at epoch {self.epoch + 1}, step {self.step}: stopping. "
+                        f"The last good checkpoint (epoch {self.epoch}) is kept in {self.out}; "
+                        "try a lower --lr or --renorm 1.0"
+                    )
+                elapsed = time.perf_counter() - start
+                progress.update(i + 1, loss=loss_sum / n, acc=100 * correct / n, ips=n * self.env.world_size / elapsed)
+        seconds = time.perf_counter() - start
+        sums = all_reduce_sum(sums, self.env)
+        loss_sum, correct, n = sums.tolist()
+        return {"train_loss": loss_sum / n, "train_acc": 100 * correct / n, "epoch_seconds": seconds,
+                "images_per_s": n / seconds}
+
+    # -- the run ------------------------------------------------------------------------------------
+    def write_header(self) -> None:
+        cfg = self.cfg
+        if self.env.is_main:
+            if cfg.overwrite and self.out.exists():
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            env = environment(self.device, cfg.seed, self.env.world_size)
+            env["notes"] = self.notes
+            env["steps_per_epoch"] = self.steps_per_epoch
+            env["total_steps"] = self.total_steps
+            env["peak_lr"] = self.peak_lr
+            if self.topology is not None:
+                env["topology"] = self.topology.config()
+                env["delta_t_effective"] = effective_delta_t(cfg)
+            write_json(self.out / "env.json", env)
+        if self.env.enabled:
+            torch.distributed.barrier()
+        for note in self.notes:
+            self.log(f"note: {note}")
+
+    def truncate_metrics(self) -> None:
+        """On resume, drop metric lines of epochs after the checkpoint (written after it, before a crash)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= self.epoch]
+        from .io import atomic_write
+
+        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.setup()
+        self.write_header()
+        if cfg.resume and self.env.is_main:
+            self.truncate_metrics()
+        writers = self.open_loggers()
+        results: dict[str, Any] = {"status": "running"}
+        total_start = time.perf_counter()
+        try:
+            if self.epoch == 0 and self.masks is not None:
+                self.log(f"masks: {len(self.masks)} layers, density {self.masks.density():.4f} "
+                         f"({sum(self.masks.num_active())}/{self.masks.total} weights), dst={cfg.dst}, optimizer={cfg.optimizer}")
+            while self.epoch < cfg.epochs:
+                progress = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
+                                    enabled=self.env.is_main and not cfg.quiet)
+                with progress:
+                    metrics = self.train_epoch(progress)
+                metrics.update(evaluate(self.forward_model, self.test_loader, self.env, self.autocast))
+                self.epoch += 1
+                metrics = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"], **metrics}
+                if self.masks is not None:
+                    metrics.update(self.masks.stats())
+                    metrics["topology_updates"] = self.topology.num_updates
+                if self.env.is_main:
+                    save_checkpoint(self.out / "checkpoint.pt", self.state())
+                    with open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    for w in writers:
+                        w(metrics)
+                self.log(self.summary_line(metrics))
+                if self.epoch == 1 and self.masks is not None:
+                    self.log(f"preconditioned layers: {self.optimizer.preconditioned_layers or 'none (baseline)'}")
+            results = self.results(metrics, "completed", time.perf_counter() - total_start)
+        except NonFiniteLoss as e:
+            results = {"status": "diverged", "error": str(e), "epochs_completed": self.epoch, "method": cfg.method()}
+            if self.env.is_main:
+                write_json(self.out / "results.json", results)
+            raise
+        finally:
+            cleanup(self.env)
+        if self.env.is_main:
+            write_json(self.out / "results.json", results)
+            self.log(f"done: test acc {results['final']['test_acc']:.2f}% -> {self.out}")
+        return results
+
+    def results(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
+        history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()] if self.env.is_main else [last]
+        keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "density", "itop")
+        out = {
+            "status": status,
+            "method": self.cfg.method(),
+            "run_name": run_name(self.cfg),
+            "epochs_completed": self.epoch,
+            "final": {k: last[k] for k in keys if k in last},
+            "best_test_acc": max(m["test_acc"] for m in history),
+            "seconds": seconds,
+        }
+        if self.masks is not None:
+            out["preconditioned_layers"] = self.optimizer.preconditioned_layers
+            out["topology_updates"] = self.topology.num_updates
+        return out
+
+    def summary_line(self, m: dict[str, Any]) -> str:
+        line = (f"epoch {m['epoch']:>3}/{self.cfg.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:5.2f}%  "
+                f"test loss {m['test_loss']:.4f} acc {m['test_acc']:5.2f}% top5 {m['test_top5']:5.2f}%  lr {m['lr']:.4g}")
+        if "itop" in m:
+            line += f"  itop {100 * m['itop']:.1f}%"
+        return line + f"  {m['epoch_seconds']:.1f}s {m['images_per_s']:.0f} img/s"
+
+    def open_loggers(self):
+        writers = []
+        if not self.env.is_main:
+            return writers
+        scalars = lambda m: {k: v for k, v in m.items() if isinstance(v, (int, float)) and k not in ("epoch",)}  # noqa: E731
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.out / "tensorboard"))
+            writers.append(lambda m: [tb.add_scalar(k, v, m["epoch"]) for k, v in scalars(m).items()] and tb.flush())
+        if self.cfg.wandb:
+            import wandb
+
+            run = wandb.init(project="sparseopt", name=run_name(self.cfg), config=self.cfg.to_dict(), dir=str(self.out),
+                             resume="allow")
+            writers.append(lambda m: run.log(scalars(m), step=m["epoch"]))
+        return writers
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train one run described by ``cfg``; returns the contents of ``results.json``."""
+    return Trainer(cfg).run()
+
+
+def main_error(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
