@@ -47,3 +47,39 @@ def convnet():
 def batches(n: int, batch: int = 16, seed: int = 0, shape=(3, 8, 8), classes: int = 10):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn((batch, *shape), generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
+
+
+def write_cifar_archive(root: Path, name: str = "cifar10", n_train: int = 100, n_test: int = 50, seed: int = 0,
+                        str_keys: bool = False) -> Path:
+    """Write a small archive in the official CIFAR layout (python pickles inside a .tar.gz)."""
+    import io
+    import pickle
+    import tarfile
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    classes = 10 if name == "cifar10" else 100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def batch(n):
+        d = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: rng.integers(0, classes, n).tolist()}
+        if name == "cifar100":
+            d["coarse_labels"] = [x // 5 for x in d[label_key]]
+        if not str_keys:  # the official archives are python-2 pickles: keys decode as bytes
+            d = {k.encode(): v for k, v in d.items()}
+        return pickle.dumps(d, protocol=2)
+
+    members = (
+        {f"data_batch_{i}": batch(n_train // 5) for i in range(1, 6)} | {"test_batch": batch(n_test)}
+        if name == "cifar10" else {"train": batch(n_train), "test": batch(n_test), "meta": pickle.dumps({})}
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ("cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for member, blob in members.items():
+            info = tarfile.TarInfo(f"{folder}/{member}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path

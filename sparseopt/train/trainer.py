@@ -338,9 +338,11 @@ class Trainer:
                     metrics.update(self.masks.stats())
                     metrics["topology_updates"] = self.topology.num_updates
                 if self.env.is_main:
-                    save_checkpoint(self.out / "checkpoint.pt", self.state())
+                    # Metrics first: a crash before the checkpoint re-runs this epoch on resume,
+                    # and truncate_metrics() drops the orphaned line.
                     with open(self.out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(metrics) + "\n")
+                    save_checkpoint(self.out / "checkpoint.pt", self.state())
                     for w in writers:
                         w(metrics)
                 self.log(self.summary_line(metrics))
