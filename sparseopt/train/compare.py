@@ -43,11 +43,12 @@ def plot_comparison(histories: dict[str, list[dict[str, Any]]], path: Path, titl
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, hist in histories.items():
+    for i, (name, hist) in enumerate(histories.items()):
         epochs = [m["epoch"] for m in hist]
-        axes[0].plot(epochs, [m["test_acc"] for m in hist], marker="o", label=f"{name} (test)")
-        axes[0].plot(epochs, [m["train_acc"] for m in hist], linestyle="--", label=f"{name} (train)")
-        axes[1].plot(epochs, [m["train_loss"] for m in hist], marker="o", label=name)
+        color = f"C{i}"
+        axes[0].plot(epochs, [m["test_acc"] for m in hist], marker="o", color=color, label=f"{name} (test)")
+        axes[0].plot(epochs, [m["train_acc"] for m in hist], linestyle="--", color=color, label=f"{name} (train)")
+        axes[1].plot(epochs, [m["train_loss"] for m in hist], marker="o", color=color, label=name)
     axes[0].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
     for ax in axes:
