@@ -2,6 +2,8 @@
 
     sparseopt train                       # the embedded default job (offline, ~1 minute on a CPU)
     sparseopt train --config configs/cifar100_resnet20.yaml --sparsity 0.95 --data-dir ~/data
+    sparseopt skew --data-dir ../shared/data          # gradient skew (paper Fig. 2)
+    sparseopt report runs/ --out reports/all          # tables and figures from run folders
 """
 
 from __future__ import annotations
@@ -34,8 +36,25 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def _analysis(name):
+    def run(argv: list[str]) -> int:
+        from . import analyses
+
+        try:
+            return getattr(analyses, name)(argv)
+        except (ValueError, DatasetError, FileNotFoundError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 COMMANDS = {
     "train": (cmd_train, "train a model with a DST method and optimizer"),
+    "skew": (_analysis("cmd_skew"), "BN gradient skew vs sparsity, per neuron, before/after SparseOpt (Fig. 2)"),
+    "direction": (_analysis("cmd_direction"), "update-direction jumps at mask updates, baseline vs SparseOpt"),
+    "toy-ham": (_analysis("cmd_toy_ham"), "HAM vs GD on the one-neuron BatchNorm model (appendix A)"),
+    "report": (_analysis("cmd_report"), "tables and figures from run or sweep folders"),
 }
 
 

@@ -34,14 +34,10 @@ def comparison_table(histories: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(histories: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
+def plot_comparison(histories: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    from ..analysis.figures import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, (name, hist) in enumerate(histories.items()):
         epochs = [m["epoch"] for m in hist]
@@ -55,10 +51,7 @@ def plot_comparison(histories: dict[str, list[dict[str, Any]]], path: Path, titl
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compare(cfg: TrainConfig) -> dict[str, Any]:
@@ -76,5 +69,5 @@ def compare(cfg: TrainConfig) -> dict[str, Any]:
     summary = {v: {"final_test_acc": r["final"]["test_acc"], "best_test_acc": r["best_test_acc"]} for v, r in results.items()}
     write_json(out / "comparison.json", {"title": title, "runs": {v: str(out / v) for v in VARIANTS}, "summary": summary})
     print(f"\n{title}\n{table}")
-    print(f"\nwrote {out / 'comparison.md'}" + (f" and {plot}" if plot else " (install matplotlib for the plot)"))
+    print(f"\nwrote {out / 'comparison.md'} and {plot}")
     return summary

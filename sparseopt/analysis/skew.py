@@ -1,0 +1,221 @@
+"""Gradient skew of sparse layers under normalisation (paper Fig. 2, appendix D and E.3).
+
+Setup (appendix E.3): ``Linear(784 -> 64)`` with a random mask at sparsity ``s``
+-> optional BatchNorm / LayerNorm -> ReLU -> ``Linear(64 -> 10)`` on MNIST
+normalised with mean 0.1307 / std 0.3081. A dense and a sparse model share one
+initialisation; first-layer gradients are taken on ``batches`` mini-batches of
+``batch_size`` at initialisation (no training). The ratio is
+``mean |g_sparse| / mean |g_dense|`` over the active entries; theory (BN):
+``1 / sqrt(1 - s)``.
+
+The per-neuron view uses a mask whose neuron sparsities ``s_i`` spread over
+``[s_lo, s_hi]`` and reports each neuron's ratio against ``s_i``, before and
+after SparseOpt's scaling ``c_i = sqrt(n_i / n_avg)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..masks.maskset import random_mask
+from ..models.mlp import MLP
+from ..optim.preconditioner import neuron_scales
+
+NORM_CHOICES = ("batchnorm", "none", "layernorm")
+
+
+def mnist_inputs(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 1, 28, 28) -> float (N, 784) normalised with the MNIST mean / std."""
+    return ((images.float() / 255.0 - 0.1307) / 0.3081).reshape(len(images), -1)
+
+
+@dataclass
+class SkewResult:
+    ratio: float  # mean |g_sparse| / mean |g_dense| over active entries
+    neuron_ratio: torch.Tensor  # per neuron, same definition
+    neuron_sparsity: torch.Tensor  # s_i of the mask
+    scales: torch.Tensor  # SparseOpt's c_i for the mask
+    neuron_factor: torch.Tensor  # normalisation-scale ratio sigma_dense / sigma_sparse seen by each neuron
+
+
+def gradient_ratio(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    norm: str = "batchnorm",
+    batches: int = 100,
+    batch_size: int = 64,
+    seed: int = 0,
+    hidden: int = 64,
+) -> SkewResult:
+    """First-layer gradient ratio of a masked MLP against its dense twin (shared init)."""
+    torch.manual_seed(seed)
+    dense = MLP(inputs.shape[1], hidden, 10, norm=norm)
+    sparse = MLP(inputs.shape[1], hidden, 10, norm=norm)
+    sparse.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        sparse[1].weight.mul_(mask)
+    active = mask.float()
+    g = torch.Generator().manual_seed(seed + 1)
+    num = torch.zeros(hidden, dtype=torch.float64)
+    den = torch.zeros(hidden, dtype=torch.float64)
+    factor = torch.zeros(hidden, dtype=torch.float64)
+    for _ in range(batches):
+        idx = torch.randint(0, len(inputs), (batch_size,), generator=g)
+        x, y = inputs[idx], labels[idx]
+        with torch.no_grad():
+            factor += normalisation_factor(dense[1](x), sparse[1](x), norm)
+        for model, acc in ((dense, den), (sparse, num)):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            acc += (model[1].weight.grad.abs() * active).sum(1).double()
+    fan = active.sum(1).double()
+    keep = fan > 0
+    neuron_ratio = torch.full((hidden,), float("nan"), dtype=torch.float64)
+    neuron_ratio[keep] = (num[keep] / fan[keep]) / (den[keep] / fan[keep])
+    return SkewResult(
+        ratio=(num.sum() / den.sum()).item(),
+        neuron_ratio=neuron_ratio,
+        neuron_sparsity=1.0 - fan / mask.shape[1],
+        scales=neuron_scales(mask).double(),
+        neuron_factor=factor / batches,
+    )
+
+
+def normalisation_factor(z_dense: torch.Tensor, z_sparse: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-neuron factor by which the norm layer amplifies the sparse layer's gradient (vs dense).
+
+    BatchNorm divides neuron ``i`` by its own batch std: factor ``sigma_i(dense) / sigma_i(sparse)``,
+    one per neuron. LayerNorm divides every neuron of a sample by the same layer std: the factor
+    ``sigma(dense) / sigma(sparse)`` (averaged over samples) is shared by all neurons (appendix D).
+    Without normalisation the factor is 1.
+    """
+    if norm == "batchnorm":
+        return (z_dense.std(0, unbiased=False) / z_sparse.std(0, unbiased=False).clamp_min(1e-12)).double()
+    if norm == "layernorm":
+        shared = (z_dense.std(1, unbiased=False) / z_sparse.std(1, unbiased=False).clamp_min(1e-12)).mean()
+        return shared.double().expand(z_dense.shape[1]).clone()
+    return torch.ones(z_dense.shape[1], dtype=torch.float64)
+
+
+def uniform_random_mask(shape, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+    """Random mask with exactly ``round((1 - s) * numel)`` active weights anywhere in the layer."""
+    numel = shape[0] * shape[1]
+    return random_mask(torch.Size(shape), round((1 - sparsity) * numel), generator, "cpu")
+
+
+def row_uniform_mask(shape, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+    """Every neuron with exactly the same fan-in (uniform neuron sparsity)."""
+    n = round((1 - sparsity) * shape[1])
+    return torch.stack([random_mask(torch.Size([shape[1]]), n, generator, "cpu") for _ in range(shape[0])])
+
+
+def spread_mask(shape, s_lo: float, s_hi: float, generator: torch.Generator) -> torch.Tensor:
+    """Neuron ``i`` with sparsity ``s_i`` spread evenly over ``[s_lo, s_hi]`` (non-uniform, as ERK/RigL masks become)."""
+    s = torch.linspace(s_lo, s_hi, shape[0])
+    return torch.stack([random_mask(torch.Size([shape[1]]), max(1, round((1 - si.item()) * shape[1])), generator, "cpu") for si in s])
+
+
+def trend(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Least-squares slope of ``log y`` on ``log(1 - x)`` (BN theory: -0.5; no skew: 0)."""
+    lx, ly = torch.log(1 - x), torch.log(y)
+    ok = torch.isfinite(lx) & torch.isfinite(ly)
+    lx, ly = lx[ok], ly[ok]
+    return (((lx - lx.mean()) * (ly - ly.mean())).sum() / ((lx - lx.mean()) ** 2).sum()).item()
+
+
+DEFAULT_SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def run_skew(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    out,
+    *,
+    norms=("batchnorm", "none"),
+    sparsities=DEFAULT_SPARSITIES,
+    batches: int = 100,
+    batch_size: int = 64,
+    inits: int = 5,
+    seed: int = 0,
+    spread=(0.5, 0.97),
+) -> dict:
+    """The whole ``sparseopt skew`` analysis; writes CSV, JSON and PNG files into ``out``."""
+    from pathlib import Path
+
+    from ..train.io import write_json
+    from .figures import pyplot, save_figure, write_csv
+
+    out = Path(out)
+    rows, summary = [], {}
+    for norm in norms:
+        for s in sparsities:
+            ratios, neuron_cv, factors, factor_cv = [], [], [], []
+            for k in range(inits):
+                gen = torch.Generator().manual_seed(seed + k)
+                # LayerNorm's theory is for uniform neuron sparsity: give every neuron the same fan-in.
+                mask = (row_uniform_mask if norm == "layernorm" else uniform_random_mask)((64, inputs.shape[1]), s, gen)
+                r = gradient_ratio(inputs, labels, mask, norm, batches, batch_size, seed + k)
+                ratios.append(r.ratio)
+                neuron_cv.append((r.neuron_ratio.std() / r.neuron_ratio.mean()).item())
+                factors.append(r.neuron_factor.mean().item())
+                factor_cv.append((r.neuron_factor.std() / r.neuron_factor.mean()).item())
+            t = torch.tensor(ratios)
+            rows.append({"norm": norm, "sparsity": s, "ratio_mean": t.mean().item(),
+                         "ratio_std": t.std().item() if inits > 1 else 0.0,
+                         "theory_bn": (1 - s) ** -0.5, "neuron_ratio_cv": sum(neuron_cv) / inits,
+                         "norm_factor_mean": sum(factors) / inits, "norm_factor_cv": sum(factor_cv) / inits, "inits": inits})
+    # Per-neuron view: BN with neuron sparsities spread over [s_lo, s_hi], before and after SparseOpt's scaling.
+    neuron_rows = []
+    slopes = {"before": [], "after": []}
+    for k in range(inits):
+        mask = spread_mask((64, inputs.shape[1]), spread[0], spread[1], torch.Generator().manual_seed(seed + k))
+        r = gradient_ratio(inputs, labels, mask, "batchnorm", batches, batch_size, seed + k)
+        corrected = r.neuron_ratio * r.scales
+        slopes["before"].append(trend(r.neuron_sparsity, r.neuron_ratio))
+        slopes["after"].append(trend(r.neuron_sparsity, corrected))
+        for i in range(len(r.neuron_ratio)):
+            neuron_rows.append({"init": k, "neuron": i, "neuron_sparsity": r.neuron_sparsity[i].item(),
+                                "ratio": r.neuron_ratio[i].item(), "scale_c": r.scales[i].item(),
+                                "ratio_after_sparseopt": corrected[i].item()})
+    summary = {
+        "setup": {"batches": batches, "batch_size": batch_size, "inits": inits, "seed": seed, "spread": list(spread),
+                  "examples": len(labels)},
+        "ratios": rows,
+        "per_neuron_slope": {k: sum(v) / len(v) for k, v in slopes.items()},
+        "per_neuron_slope_theory": {"before": -0.5, "after": 0.0},
+    }
+    write_csv(out / "skew.csv", rows)
+    write_csv(out / "per_neuron.csv", neuron_rows)
+    write_json(out / "skew.json", summary)
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, norm in enumerate(norms):
+        sel = [r for r in rows if r["norm"] == norm]
+        xs = [r["theory_bn"] for r in sel]
+        axes[0].errorbar(xs, [r["ratio_mean"] for r in sel], yerr=[r["ratio_std"] for r in sel], marker="o",
+                         capsize=3, color=f"C{i}", label={"batchnorm": "with BatchNorm", "none": "without normalisation",
+                                                          "layernorm": "with LayerNorm (uniform fan-in)"}[norm])
+    lim = max(r["theory_bn"] for r in rows)
+    axes[0].plot([1, lim], [1, lim], "k--", lw=1, label="theory 1/sqrt(1-s)")
+    axes[0].set(xlabel="1 / sqrt(1 - s)", ylabel="mean |g_sparse| / mean |g_dense|",
+                title="First-layer gradient ratio at initialisation")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    s_i = torch.tensor([r["neuron_sparsity"] for r in neuron_rows])
+    axes[1].scatter(s_i, [r["ratio"] for r in neuron_rows], s=8, alpha=0.5, label="BatchNorm, raw gradient")
+    axes[1].scatter(s_i, [r["ratio_after_sparseopt"] for r in neuron_rows], s=8, alpha=0.5,
+                    label="after SparseOpt scaling c_i")
+    grid = torch.linspace(spread[0], spread[1], 50)
+    axes[1].plot(grid, (1 - grid) ** -0.5, "k--", lw=1, label="1/sqrt(1 - s_i)")
+    axes[1].set(xlabel="neuron sparsity s_i", ylabel="per-neuron gradient ratio", yscale="log",
+                title=f"Per neuron (slope of log ratio: {summary['per_neuron_slope']['before']:.2f} -> "
+                      f"{summary['per_neuron_slope']['after']:.2f})")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    save_figure(fig, out / "skew.png")
+    return summary

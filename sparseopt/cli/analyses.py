@@ -1,0 +1,103 @@
+"""``sparseopt skew | direction | toy-ham | report``: the paper's analyses as commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _print_written(out: Path, names: list[str]) -> None:
+    print("wrote " + ", ".join(str(out / n) for n in names))
+
+
+def cmd_skew(argv: list[str]) -> int:
+    from ..analysis.skew import DEFAULT_SPARSITIES, NORM_CHOICES, mnist_inputs, run_skew
+    from ..data import load_bundled_mnist, load_mnist
+
+    p = argparse.ArgumentParser(prog="sparseopt skew", description="BN gradient skew of a sparse layer (paper Fig. 2, appendix D/E.3).")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: the bundled subset)")
+    p.add_argument("--norm", nargs="+", choices=NORM_CHOICES, default=["batchnorm", "none"])
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
+    p.add_argument("--batches", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--inits", type=int, default=5, help="random initialisations averaged per point")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/skew")
+    args = p.parse_args(argv)
+    for s in args.sparsities:
+        if not 0 <= s < 1:
+            p.error(f"--sparsities must be in [0, 1), got {s}")
+    images, labels = load_mnist(args.data_dir, "mnist", True) if args.data_dir else load_bundled_mnist(True)
+    out = Path(args.out)
+    summary = run_skew(mnist_inputs(images), labels, out, norms=args.norm, sparsities=args.sparsities, batches=args.batches,
+                       batch_size=args.batch_size, inits=args.inits, seed=args.seed)
+    print(f"{'norm':>10} {'sparsity':>8} {'ratio':>14} {'1/sqrt(1-s)':>11} {'norm factor':>11}")
+    for r in summary["ratios"]:
+        print(f"{r['norm']:>10} {r['sparsity']:8.2f} {r['ratio_mean']:7.3f} +- {r['ratio_std']:.3f} {r['theory_bn']:11.3f} "
+              f"{r['norm_factor_mean']:11.3f}")
+    slope = summary["per_neuron_slope"]
+    print(f"per-neuron slope of log ratio vs log(1 - s_i): {slope['before']:.3f} raw (theory -0.5), "
+          f"{slope['after']:.3f} after SparseOpt (theory 0)")
+    _print_written(out, ["skew.csv", "per_neuron.csv", "skew.json", "skew.png"])
+    return 0
+
+
+def cmd_direction(argv: list[str]) -> int:
+    from ..analysis.direction import run_direction
+    from .train_args import add_config_flags, parse_train_args
+
+    p = argparse.ArgumentParser(prog="sparseopt direction",
+                                description="Cosine of consecutive update directions, ordinary vs across mask updates, "
+                                            "baseline vs SparseOpt (paper section 3.3). Takes the train config keys.")
+    add_config_flags(p)
+    argv = list(argv)
+    if "--out" not in argv:
+        argv += ["--out", "runs/direction"]
+    if "--epochs" not in argv and "--config" not in argv:
+        argv += ["--epochs", "3"]
+    cfg = parse_train_args(p, argv).validate()
+    out = Path(cfg.out)
+    summary = run_direction(cfg, out)
+    for method in ("sgd", "sparseopt"):
+        s = summary[method]["update"]
+        print(f"{method:>10}: mean cosine of consecutive updates {s['ordinary_mean_cosine']:.4f} on ordinary steps, "
+              f"{s['across_update_mean_cosine']:.4f} across {s['across_pairs']} layer-mask updates (jump {s['jump']:.4f})")
+    _print_written(out, ["direction.csv", "direction.json", "direction.png"])
+    return 0
+
+
+def cmd_toy_ham(argv: list[str]) -> int:
+    from ..analysis.toy_ham import run_toy_ham
+
+    p = argparse.ArgumentParser(prog="sparseopt toy-ham", description="HAM vs gradient descent on the one-neuron BN model (appendix A).")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/toy-ham")
+    args = p.parse_args(argv)
+    if args.lr <= 0 or args.steps < 1 or args.alpha <= 0:
+        p.error("--lr and --alpha must be > 0 and --steps >= 1")
+    out = Path(args.out)
+    summary = run_toy_ham(out, lr=args.lr, steps=args.steps, alpha=args.alpha, seed=args.seed)
+    for model in ("one_neuron", "two_neurons"):
+        for label, s in summary[model].items():
+            print(f"{model:>11} {label:>14}: final a {[round(a, 4) for a in s['final_a']]}, loss {s['final_loss']:.3g}, "
+                  f"invariant drift {100 * s['invariant_drift']:.3f}%, sign flipped {s['sign_flipped']}")
+    _print_written(out, ["toy_ham.csv", "toy_ham.json", "toy_ham_one_neuron.png", "toy_ham_two_neurons.png"])
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from ..analysis.report import report
+
+    p = argparse.ArgumentParser(prog="sparseopt report", description="Tables and figures from run or sweep folders.")
+    p.add_argument("runs", nargs="+", help="run folders or folders containing them (sweeps)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    summary = report(args.runs, args.out)
+    print((Path(args.out) / "report.md").read_text())
+    print(json.dumps({"groups": len(summary["groups"]), "not_completed": len(summary["not_completed"]),
+                      "missing": len(summary["missing"])}))
+    return 0

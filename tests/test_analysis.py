@@ -1,0 +1,128 @@
+import json
+import math
+
+import pytest
+import yaml
+from conftest import data_path
+
+from sparseopt.analysis.direction import run_direction
+from sparseopt.analysis.report import report
+from sparseopt.analysis.skew import mnist_inputs, run_skew
+from sparseopt.analysis.toy_ham import ToySetup, drift, train_toy
+from sparseopt.cli.main import main
+from sparseopt.data import load_mnist
+from sparseopt.train.config import make_config
+
+
+@pytest.fixture(scope="module")
+def real_mnist():
+    root = data_path("mnist")
+    images, labels = load_mnist(root, "mnist", train=True)
+    return mnist_inputs(images), labels
+
+
+def test_skew_on_real_mnist(real_mnist, tmp_path):
+    inputs, labels = real_mnist
+    s = run_skew(inputs, labels, tmp_path, norms=("batchnorm", "none", "layernorm"), sparsities=(0.9,), inits=3)
+    by_norm = {r["norm"]: r for r in s["ratios"]}
+    assert by_norm["batchnorm"]["ratio_mean"] == pytest.approx(3.16, rel=0.10)
+    assert by_norm["none"]["ratio_mean"] == pytest.approx(1.0, rel=0.10)
+    # LayerNorm under uniform sparsity: one factor for every neuron, of size 1/sqrt(1 - s)
+    assert by_norm["layernorm"]["norm_factor_cv"] < 1e-9
+    assert by_norm["layernorm"]["norm_factor_mean"] == pytest.approx(3.16, rel=0.10)
+    assert by_norm["batchnorm"]["norm_factor_cv"] > 0.05  # BN's factor is per neuron
+    # per neuron: ratio ~ (1 - s_i)^-1/2 before, no trend after SparseOpt's scaling
+    assert s["per_neuron_slope"]["before"] == pytest.approx(-0.5, abs=0.1)
+    assert abs(s["per_neuron_slope"]["after"]) < 0.1
+    for name in ("skew.csv", "per_neuron.csv", "skew.json", "skew.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_skew_cli_on_bundled_subset(tmp_path, capsys):
+    assert main(["skew", "--sparsities", "0.0", "0.8", "--inits", "1", "--batches", "20", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "skew.json").read_text())["ratios"]
+    assert [r["sparsity"] for r in rows] == [0.0, 0.8, 0.0, 0.8]
+    assert rows[0]["ratio_mean"] == pytest.approx(1.0)  # s = 0: sparse == dense exactly
+    assert "per-neuron slope" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["skew", "--sparsities", "1.0", "--out", str(tmp_path)])
+    assert "--sparsities must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
+def test_toy_ham_invariants_and_sign_flip():
+    setup = ToySetup()
+    gd = train_toy(setup, "gd", lr=0.002, steps=20000, record_every=100)
+    ham = train_toy(setup, "ham", lr=0.002, steps=20000, alpha=1.0, record_every=100)
+    assert drift(gd) < 0.01  # a^2 - gamma^2 - b^2 conserved by small-step gradient descent
+    assert drift(ham) < 0.01  # F(a) - gamma^2 - b^2 conserved by small-step HAM
+    assert gd.a[0][0] < 0 and gd.a[-1][0] < 0  # GD cannot flip the outer weight
+    assert ham.a[-1][0] > 0  # HAM flips it and recovers the teacher
+    assert ham.loss[-1] < 1e-3 and gd.loss[-1] > 0.1  # GD stays stuck at the wrong sign
+    scaled = train_toy(setup, "ham", lr=0.002, steps=20000, alpha=1.0, scaling=True, record_every=100)
+    assert drift(scaled) < 0.01 and scaled.a[-1][0] > 0  # the scaling does not touch the invariant
+
+
+def test_toy_ham_cli_two_neurons(tmp_path):
+    assert main(["toy-ham", "--steps", "3000", "--out", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "toy_ham.json").read_text())
+    assert s["two_neurons"]["HAM"]["sign_flipped"][1] is True and s["two_neurons"]["GD"]["sign_flipped"] == [False, False]
+    assert (tmp_path / "toy_ham_two_neurons.png").stat().st_size > 10_000
+
+
+def test_direction_records_ordinary_and_across_steps(tmp_path):
+    cfg = make_config(overrides={"epochs": 2, "train_subset": 1024, "delta_t": 5, "compare_optimizers": False}).validate()
+    s = run_direction(cfg, tmp_path)
+    steps = 2 * (1024 // 128)  # 16 steps, t_end = 12: updates at t = 5, 10
+    for method in ("sgd", "sparseopt"):
+        upd = s[method]["update"]
+        assert upd["across_pairs"] == 2 * 2  # two topology updates x two masked layers (784-64-10 MLP)
+        assert upd["ordinary_pairs"] + upd["across_pairs"] == (steps - 2 - 1) * 2  # 2 skipped steps, first has no predecessor
+        assert -1 <= upd["across_update_mean_cosine"] <= 1 and -1 <= upd["ordinary_mean_cosine"] <= 1
+    assert (tmp_path / "direction.png").stat().st_size > 10_000
+
+
+def _fake_run(root, name, acc, *, seed, sparsity=0.9, optimizer="sgd", epochs=100, status="completed", itop=0.3,
+              dataset="cifar100", model="resnet20"):
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = make_config(overrides={"dataset": dataset, "model": model, "dst": "rigl", "optimizer": optimizer,
+                                 "sparsity": sparsity, "epochs": epochs, "seed": seed}).to_dict()
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = [{"epoch": e + 1, "train_acc": acc - 5 + e, "test_acc": acc - 1 + e, "itop": itop} for e in range(2)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if status is not None:
+        (d / "results.json").write_text(json.dumps({"status": status, "final": {"test_acc": acc, "itop": itop},
+                                                    "best_test_acc": acc + 0.5}))
+    return d
+
+
+def test_report_exact_means_stds_and_missing_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, acc in enumerate([60.0, 61.0, 65.0]):
+        _fake_run(runs, f"ours-s{seed}", acc, seed=seed, optimizer="sparseopt")
+    for seed, acc in enumerate([59.0, 60.0]):
+        _fake_run(runs, f"base-s{seed}", acc, seed=seed)
+    _fake_run(runs, "base-s2", 10.0, seed=2, status=None)  # stopped: no results.json
+    _fake_run(runs, "base-s3", 10.0, seed=3, status="diverged")
+    (runs / "sweep.json").write_text(json.dumps({"runs": ["ours-s0", "ours-s1", "ours-s2", "ours-s4"]}))
+    summary = report([runs], tmp_path / "report")
+    groups = {g["optimizer"]: g for g in summary["groups"]}
+    assert groups["sparseopt"]["test_acc_mean"] == pytest.approx(62.0, abs=1e-12)
+    assert groups["sparseopt"]["test_acc_std"] == pytest.approx(math.sqrt(7.0), abs=1e-12)  # sample std of 60, 61, 65
+    assert groups["sgd"]["test_acc_mean"] == pytest.approx(59.5) and groups["sgd"]["test_acc_std"] == pytest.approx(math.sqrt(0.5))
+    assert groups["sgd"]["n_seeds"] == 2 and groups["sparseopt"]["seeds"] == [0, 1, 2]
+    assert groups["sparseopt"]["paper_test_acc"] == 61.34 and groups["sgd"]["paper_test_acc"] == 60.66
+    assert sorted(r["status"] for r in summary["not_completed"]) == ["diverged", "incomplete"]
+    assert summary["missing"] == [str(runs / "ours-s4")]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "62.00 +- 2.65 (3) [paper 61.34]" in md and "59.50 +- 0.71 (2) [paper 60.66]" in md
+    assert "base-s2: incomplete" in md and "ours-s4" in md
+    for name in ("summary.csv", "runs.csv", "accuracy_vs_budget.png", "curves.png", "itop_vs_sparsity.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_report_cli_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such run or sweep folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
