@@ -153,7 +153,9 @@ class Trainer:
             for flag in ("bf16", "channels_last", "compile"):
                 if getattr(cfg, flag):
                     self.notes.append(f"--{flag.replace('_', '-')} is a GPU speed option: ignored on {self.device.type}")
-            self.cfg = cfg = dataclasses.replace(cfg, bf16=False, channels_last=False, compile=False)
+            if cfg.sync_bn:
+                self.notes.append("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel): ignored, BN statistics stay per rank")
+            self.cfg = cfg = dataclasses.replace(cfg, bf16=False, channels_last=False, compile=False, sync_bn=False)
         else:
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             torch.backends.cuda.matmul.allow_tf32 = True
