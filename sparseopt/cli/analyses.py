@@ -101,3 +101,36 @@ def cmd_report(argv: list[str]) -> int:
     print(json.dumps({"groups": len(summary["groups"]), "not_completed": len(summary["not_completed"]),
                       "missing": len(summary["missing"])}))
     return 0
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from ..sweep import load_sweep, run_sweep
+
+    p = argparse.ArgumentParser(prog="sparseopt sweep", description="Expand a sweep file into runs and run them (idempotent).")
+    p.add_argument("file", help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--out", help="sweep folder (default: the file's 'out', else runs/sweeps/<name>)")
+    p.add_argument("--launcher", choices=["local", "submitit"], default="local")
+    p.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+    p.add_argument("--gpus", nargs="+", help="local: one run per listed GPU id at a time (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="submitit executor (default: slurm when available)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run, e.g. data_dir=~/data")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
+    p.add_argument("--retry-failed", action="store_true", help="restart diverged runs from scratch")
+    p.add_argument("--no-wait", action="store_true", help="submitit: return after submitting")
+    args = p.parse_args(argv)
+    if args.parallel < 1:
+        p.error(f"--parallel must be >= 1, got {args.parallel}")
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            p.error(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.replace("-", "_")] = value
+    spec = load_sweep(args.file)
+    out = Path(args.out or spec.out or Path("runs") / "sweeps" / spec.name)
+    result = run_sweep(spec, out, overrides=overrides, launcher=args.launcher, parallel=args.parallel, gpus=args.gpus,
+                       cluster=args.cluster, dry_run=args.dry_run, retry_failed=args.retry_failed, wait=not args.no_wait)
+    failed = [name for name, code in result["codes"].items() if code not in (0, None) and not isinstance(code, str)]
+    if failed:
+        print(f"[sweep] {len(failed)} run(s) failed: {failed}")
+    return 1 if failed else 0

@@ -55,6 +55,7 @@ COMMANDS = {
     "direction": (_analysis("cmd_direction"), "update-direction jumps at mask updates, baseline vs SparseOpt"),
     "toy-ham": (_analysis("cmd_toy_ham"), "HAM vs GD on the one-neuron BatchNorm model (appendix A)"),
     "report": (_analysis("cmd_report"), "tables and figures from run or sweep folders"),
+    "sweep": (_analysis("cmd_sweep"), "run a grid of runs locally or on SLURM (submitit); idempotent"),
 }
 
 

@@ -324,6 +324,7 @@ class Trainer:
         writers = self.open_loggers()
         results: dict[str, Any] = {"status": "running"}
         total_start = time.perf_counter()
+        metrics = None
         try:
             if self.epoch == 0 and self.masks is not None:
                 self.log(f"masks: {len(self.masks)} layers, density {self.masks.density():.4f} "
@@ -350,6 +351,8 @@ class Trainer:
                 self.log(self.summary_line(metrics))
                 if self.epoch == 1 and self.masks is not None:
                     self.log(f"preconditioned layers: {self.optimizer.preconditioned_layers or 'none (baseline)'}")
+            if metrics is None:  # resumed from the last epoch's checkpoint: nothing left to train
+                metrics = (self.history() or [{"epoch": self.epoch}])[-1]
             results = self.results(metrics, "completed", time.perf_counter() - total_start)
         except NonFiniteLoss as e:
             results = {"status": "diverged", "error": str(e), "epochs_completed": self.epoch, "method": cfg.method()}
@@ -360,11 +363,15 @@ class Trainer:
             cleanup(self.env)
         if self.env.is_main:
             write_json(self.out / "results.json", results)
-            self.log(f"done: test acc {results['final']['test_acc']:.2f}% -> {self.out}")
+            self.log(f"done: test acc {results['final'].get('test_acc', float('nan')):.2f}% -> {self.out}")
         return results
 
+    def history(self) -> list[dict[str, Any]]:
+        path = self.out / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
     def results(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
-        history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()] if self.env.is_main else [last]
+        history = (self.history() if self.env.is_main else []) or [last]
         keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "density", "itop")
         out = {
             "status": status,
@@ -372,7 +379,7 @@ class Trainer:
             "run_name": run_name(self.cfg),
             "epochs_completed": self.epoch,
             "final": {k: last[k] for k in keys if k in last},
-            "best_test_acc": max(m["test_acc"] for m in history),
+            "best_test_acc": max((m["test_acc"] for m in history if "test_acc" in m), default=None),
             "seconds": seconds,
         }
         if self.masks is not None:

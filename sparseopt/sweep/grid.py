@@ -1,0 +1,127 @@
+"""Sweep files: a grid of config keys x seeds, expanded into named runs (pure functions).
+
+A sweep file (YAML)::
+
+    name: cifar100_table2
+    base_config: ../cifar100_resnet20.yaml   # relative to the sweep file
+    fixed: {dst: rigl}                        # applied to every run
+    grid:                                     # cartesian product
+      sparsity: [0.9, 0.95, 0.97]
+      epochs: [100, 200, 300, 500]
+    variants:                                 # optional: crossed with the grid
+      - {optimizer: sgd}
+      - {optimizer: sparseopt}
+    seeds: [0, 1, 2]
+    slurm: {gpus_per_node: 1, timeout_min: 720}   # submitit parameters (optional)
+    nproc_per_run: 1                              # torchrun processes per run (optional)
+
+Each run is named by :func:`~sparseopt.train.trainer.run_name` (method fields,
+budget and seed), plus ``-key<value>`` for any other swept key, so names are
+stable and readable; they must be unique.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..train.config import FIELDS, TrainConfig, coerce, load_yaml, make_config
+from ..train.trainer import run_name
+
+SWEEP_KEYS = {"name", "base_config", "fixed", "grid", "variants", "seeds", "slurm", "nproc_per_run", "out"}
+NAMED_BY_RUN_NAME = {"dataset", "model", "dst", "optimizer", "sparsity", "ham", "renorm", "growth_grad", "epochs", "seed"}
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base_config: Path | None
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]
+    variants: list[dict[str, Any]]
+    seeds: list[int]
+    slurm: dict[str, Any]
+    nproc_per_run: int
+    out: str | None
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    config: TrainConfig
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    data = load_yaml(path)
+    unknown = set(data) - SWEEP_KEYS
+    if unknown:
+        raise ValueError(f"sweep file {path}: unknown keys {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
+    base = data.get("base_config")
+    base_path = None
+    if base:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            raise ValueError(f"sweep file {path}: base_config {base_path} not found")
+    grid = data.get("grid") or {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"sweep file {path}: grid key {key!r} needs a non-empty list, got {values!r}")
+    variants = data.get("variants") or [{}]
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise ValueError(f"sweep file {path}: variants must be a list of mappings")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds:
+        raise ValueError(f"sweep file {path}: seeds must be a non-empty list")
+    for key in [*grid, *(k for v in variants for k in v), *(data.get("fixed") or {})]:
+        if key not in FIELDS:
+            raise ValueError(f"sweep file {path}: unknown config key {key!r}; valid keys: {', '.join(sorted(FIELDS))}")
+    return SweepSpec(
+        name=data.get("name", path.stem), base_config=base_path, fixed=data.get("fixed") or {}, grid=grid,
+        variants=variants, seeds=[int(s) for s in seeds], slurm=data.get("slurm") or {},
+        nproc_per_run=int(data.get("nproc_per_run", 1)), out=data.get("out"),
+    )
+
+
+def expand(spec: SweepSpec, out: str | Path, overrides: dict[str, Any] | None = None) -> list[PlannedRun]:
+    """Every run of the sweep, in a stable order, with its resolved config (``out`` = its run folder)."""
+    out = Path(out)
+    keys = list(spec.grid)
+    runs: list[PlannedRun] = []
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        for variant in spec.variants:
+            for seed in spec.seeds:
+                swept = {**dict(zip(keys, values)), **variant}
+                cfg = make_config(spec.base_config, {**spec.fixed, **swept, **(overrides or {}), "seed": seed,
+                                                     "compare_optimizers": False})
+                extra = [f"{k}{coerce(k, v)}" for k, v in swept.items() if k not in NAMED_BY_RUN_NAME]
+                name = "-".join([run_name(cfg), *extra]).replace("/", "_")
+                cfg.out = str(out / name)
+                runs.append(PlannedRun(name, cfg.validate()))
+    names = [r.name for r in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"sweep {spec.name}: runs with identical names {duplicates}; every swept key must change the name")
+    return runs
+
+
+def run_state(run_dir: str | Path) -> str:
+    """``finished`` (completed), ``failed`` (diverged), ``resumable`` (a checkpoint exists) or ``new``."""
+    import json
+
+    run_dir = Path(run_dir)
+    results = run_dir / "results.json"
+    if results.is_file():
+        try:
+            status = json.loads(results.read_text()).get("status")
+        except ValueError:
+            status = None
+        if status == "completed":
+            return "finished"
+        if status == "diverged":
+            return "failed"
+    if (run_dir / "checkpoint.pt").is_file():
+        return "resumable"
+    return "new"

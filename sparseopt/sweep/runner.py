@@ -1,0 +1,156 @@
+"""Running a sweep: locally (one after another, or N at a time, one per GPU) or on SLURM through submitit.
+
+Idempotent: finished runs are skipped, runs with a checkpoint resume, diverged
+runs are reported and left alone (``retry_failed`` restarts them from scratch).
+Every run is an ordinary ``sparseopt train`` run folder inside the sweep folder,
+next to ``sweep.json`` (the manifest ``sparseopt report`` reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..train.io import atomic_write, write_json
+from .grid import PlannedRun, SweepSpec, expand, run_state
+
+
+def plan(runs: list[PlannedRun], retry_failed: bool = False) -> list[tuple[PlannedRun, str]]:
+    """(run, action) with action in ``skip`` / ``resume`` / ``start`` / ``failed``."""
+    actions = []
+    for run in runs:
+        state = run_state(run.config.out)
+        if state == "finished":
+            actions.append((run, "skip"))
+        elif state == "resumable":
+            actions.append((run, "resume"))
+        elif state == "failed":
+            actions.append((run, "start" if retry_failed else "failed"))
+        else:
+            actions.append((run, "start"))
+    return actions
+
+
+def run_config(run: PlannedRun, action: str):
+    """The run's config with the flags its action needs (resume a checkpoint, or replace a partial folder)."""
+    return dataclasses.replace(run.config, resume=action == "resume", overwrite=action == "start", quiet=True)
+
+
+def write_manifest(spec: SweepSpec, out: Path, runs: list[PlannedRun]) -> None:
+    write_json(out / "sweep.json", {"name": spec.name, "runs": [r.name for r in runs], "grid": spec.grid,
+                                    "variants": spec.variants, "seeds": spec.seeds, "fixed": spec.fixed,
+                                    "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def train_in_process(config: dict[str, Any], distributed: bool = False) -> dict[str, Any]:
+    """Entry point of a submitit job: set up torch.distributed from SLURM when needed, then train."""
+    from ..train.config import TrainConfig
+    from ..train.trainer import train
+
+    if distributed:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return train(TrainConfig(**config))
+
+
+def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None = None, nproc_per_run: int = 1,
+              poll_s: float = 0.5) -> dict[str, int]:
+    """Each run as a ``sparseopt train`` subprocess; ``parallel`` at a time, each pinned to one entry of ``gpus``."""
+    configs = out / ".sweep" / "configs"
+    logs = out / ".sweep" / "logs"
+    todo = [(run, action) for run, action in actions if action in ("start", "resume")]
+    free = list(gpus) if gpus else [None] * parallel
+    running: list[tuple[subprocess.Popen, PlannedRun, str | None, Any]] = []
+    codes: dict[str, int] = {}
+    while todo or running:
+        while todo and free:
+            run, action = todo.pop(0)
+            slot = free.pop(0)
+            cfg = run_config(run, action)
+            cfg_path = configs / f"{run.name}.yaml"
+            atomic_write(cfg_path, lambda f, c=cfg: f.write(yaml.safe_dump(c.to_dict(), sort_keys=False).encode()))
+            cmd = [sys.executable, "-m", "sparseopt", "train", "--config", str(cfg_path)]
+            if nproc_per_run > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_run}",
+                       "-m", "sparseopt", "train", "--config", str(cfg_path)]
+            env = dict(os.environ)
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+            logs.mkdir(parents=True, exist_ok=True)
+            log = open(logs / f"{run.name}.log", "a")
+            print(f"[sweep] {action:6s} {run.name}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), run, slot, log))
+        time.sleep(poll_s)
+        for item in list(running):
+            proc, run, slot, log = item
+            if proc.poll() is not None:
+                log.close()
+                codes[run.name] = proc.returncode
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {logs / (run.name + '.log')})"
+                print(f"[sweep] {status:6s} {run.name}", flush=True)
+                running.remove(item)
+                free.append(slot)
+    return codes
+
+
+def run_submitit(actions, out: Path, spec: SweepSpec, cluster: str | None = None, wait: bool = True) -> dict[str, Any]:
+    """Submit every pending run as a submitit job (SLURM on a cluster, subprocesses with ``cluster="local"``)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ValueError("--launcher submitit needs the submitit package: pip install submitit") from None
+    executor = submitit.AutoExecutor(folder=str(out / ".sweep" / "submitit" / "%j"), cluster=cluster)
+    params = {"name": f"sparseopt-{spec.name}", "timeout_min": 60 * 24, **spec.slurm}
+    if spec.nproc_per_run > 1:
+        params.setdefault("tasks_per_node", spec.nproc_per_run)
+        params.setdefault("gpus_per_node", spec.nproc_per_run)
+    executor.update_parameters(**params)
+    jobs = {}
+    for run, action in actions:
+        if action in ("start", "resume"):
+            cfg = run_config(run, action)
+            jobs[run.name] = executor.submit(train_in_process, cfg.to_dict(), spec.nproc_per_run > 1)
+            print(f"[sweep] submitted {run.name} ({action}) as job {jobs[run.name].job_id}", flush=True)
+    if not wait:
+        return {name: job.job_id for name, job in jobs.items()}
+    results = {}
+    for name, job in jobs.items():
+        try:
+            job.result()
+            results[name] = 0
+        except Exception as e:  # the job's own error is in its log folder
+            print(f"[sweep] FAILED {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
+            results[name] = 1
+    return results
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, overrides: dict[str, Any] | None = None, launcher: str = "local",
+              parallel: int = 1, gpus: list[str] | None = None, cluster: str | None = None, dry_run: bool = False,
+              retry_failed: bool = False, wait: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    runs = expand(spec, out, overrides)
+    actions = plan(runs, retry_failed)
+    counts = {a: sum(1 for _, x in actions if x == a) for a in ("skip", "resume", "start", "failed")}
+    print(f"[sweep] {spec.name}: {len(runs)} runs -> {out} ({counts['skip']} finished, {counts['resume']} to resume, "
+          f"{counts['start']} to start, {counts['failed']} diverged and left alone)", flush=True)
+    if dry_run:
+        for run, action in actions:
+            print(f"  {action:6s} {run.name}")
+        return {"runs": [r.name for r in runs], "actions": {r.name: a for r, a in actions}, "codes": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(spec, out, runs)
+    if launcher == "local":
+        codes = run_local(actions, out, parallel=parallel, gpus=gpus, nproc_per_run=spec.nproc_per_run)
+    elif launcher == "submitit":
+        codes = run_submitit(actions, out, spec, cluster=cluster, wait=wait)
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; choose local or submitit")
+    return {"runs": [r.name for r in runs], "actions": {r.name: a for r, a in actions}, "codes": codes}

@@ -1,0 +1,93 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparseopt.analysis.report import report
+from sparseopt.cli.main import main
+from sparseopt.sweep import expand, load_sweep, plan, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_sweep(tmp_path, **extra):
+    spec = {
+        "name": "tiny",
+        "fixed": {"dataset": "bundled_mnist", "model": "mlp", "mlp_hidden": [32], "dst": "rigl", "epochs": 1,
+                  "train_subset": 512, "test_subset": 200, "delta_t": 2, "batch_size": 64},
+        "grid": {"sparsity": [0.8, 0.9]},
+        "variants": [{"optimizer": "sgd"}, {"optimizer": "sparseopt"}],
+        "seeds": [0, 1],
+        **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_expansion_and_stable_names(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, grid={"sparsity": [0.8, 0.9], "lr": [0.1, 0.05]}))
+    runs = expand(spec, tmp_path / "out")
+    assert len(runs) == 2 * 2 * 2 * 2
+    names = [r.name for r in runs]
+    assert names[0] == "bundled_mnist-mlp-rigl-sgd-s0.8-e1-seed0-lr0.1"
+    assert "bundled_mnist-mlp-rigl-sparseopt-s0.9-e1-seed1-lr0.05" in names
+    assert [r.name for r in expand(spec, tmp_path / "out")] == names  # stable
+    assert runs[0].config.out == str(tmp_path / "out" / names[0])
+    assert {r.config.seed for r in runs} == {0, 1} and all(not r.config.compare_optimizers for r in runs)
+
+
+def test_shipped_sweeps_expand():
+    counts = {}
+    for path in sorted((REPO / "configs/sweeps").glob("*.yaml")):
+        counts[path.stem] = len(expand(load_sweep(path), "/tmp/unused"))
+    assert counts["cifar100_table2"] == 72 and counts["cifar100_table3_ham"] == 144 and counts["imagenet_table1"] == 36
+    assert counts["cifar100_set"] == 72
+
+
+def test_bad_sweep_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'sparsty'"):
+        load_sweep(write_sweep(tmp_path, grid={"sparsty": [0.9]}))
+    with pytest.raises(ValueError, match="unknown keys \\['gird'\\]"):
+        load_sweep(write_sweep(tmp_path, gird={}))
+    spec = load_sweep(write_sweep(tmp_path, variants=[{"momentum": 0.9}, {"momentum": 0.9}]))
+    with pytest.raises(ValueError, match="identical names"):
+        expand(spec, tmp_path)
+
+
+def test_local_sweep_idempotent_skip_and_resume(tmp_path, capsys):
+    sweep = write_sweep(tmp_path)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(sweep), "--out", str(out), "--parallel", "2"]) == 0
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert len(runs) == 8
+    for name in runs:
+        assert json.loads((out / name / "results.json").read_text())["status"] == "completed"
+    # A stopped run (checkpoint, no results) resumes; a diverged one is left alone; the rest are skipped.
+    (out / runs[0] / "results.json").unlink()
+    (out / runs[1] / "results.json").write_text(json.dumps({"status": "diverged"}))
+    actions = {r.name: a for r, a in plan(expand(load_sweep(sweep), out))}
+    assert actions[runs[0]] == "resume" and actions[runs[1]] == "failed"
+    assert sum(a == "skip" for a in actions.values()) == 6
+    capsys.readouterr()
+    result = run_sweep(load_sweep(sweep), out)
+    assert list(result["codes"]) == [runs[0]] and result["codes"][runs[0]] == 0
+    assert json.loads((out / runs[0] / "results.json").read_text())["status"] == "completed"
+    assert "1 to resume" in capsys.readouterr().out
+    again = run_sweep(load_sweep(sweep), out)
+    assert again["codes"] == {}  # nothing left to do
+    summary = report([out], tmp_path / "report")  # report reads the sweep folder directly
+    assert len(summary["groups"]) == 4 and [r["status"] for r in summary["not_completed"]] == ["diverged"]
+
+
+def test_submitit_local_executor(tmp_path):
+    pytest.importorskip("submitit", reason="submitit is an optional dependency (pip install submitit)")
+    sweep = write_sweep(tmp_path, grid={"sparsity": [0.9]}, variants=[{"optimizer": "sparseopt"}], seeds=[0, 1],
+                        slurm={"timeout_min": 10})
+    out = tmp_path / "sub"
+    result = run_sweep(load_sweep(sweep), out, launcher="submitit", cluster="local")
+    assert result["codes"] == {name: 0 for name in result["runs"]}
+    for name in result["runs"]:
+        assert json.loads((out / name / "results.json").read_text())["status"] == "completed"
+    assert (out / ".sweep" / "submitit").is_dir()
