@@ -92,10 +92,7 @@ class HAM(OptimizerWrapper):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         self.base.step()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and p.dim() >= 2]

@@ -195,10 +195,7 @@ class SparseOpt(OptimizerWrapper):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         if self._skip_next:
             self._skip_next = False
             return loss

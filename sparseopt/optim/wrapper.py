@@ -70,6 +70,14 @@ class OptimizerWrapper(Optimizer):
             opt = opt.base
         return opt
 
+    @staticmethod
+    def _evaluate(closure):
+        """torch.optim's closure convention: re-evaluate the loss with gradients enabled."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
 
