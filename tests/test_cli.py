@@ -157,3 +157,47 @@ def test_dense_and_static_and_set_runs(tmp_path):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "sparseopt", "train", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "--sparsity" in out.stdout and "--growth-grad" in out.stdout
+
+
+def test_optional_logger_missing_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name == "wandb":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    out = tmp_path / "tb"
+    assert main(["train", "--tensorboard", "--no-compare-optimizers", "--out", str(out)]) == 2
+    assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+    assert main(["train", "--wandb", "--no-compare-optimizers", "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_atomic_write_keeps_old_file_on_failure_and_sets_permissions(tmp_path):
+    import os
+
+    from sparseopt.train.io import atomic_write, write_json
+
+    path = write_json(tmp_path / "r.json", {"a": 1})
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_current_umask())
+
+    def broken(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def _current_umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -85,3 +85,16 @@ def test_unreachable_server_and_unknown_dataset(tmp_path):
         dl.download_file("http://127.0.0.1:9/x.gz", tmp_path / "x.gz", "0" * 32, timeout=2)
     with pytest.raises(DatasetError, match="--download is available for"):
         dl.download_dataset("imagenet", tmp_path)
+
+
+def test_cli_download_then_train(tmp_path, server, monkeypatch):
+    from sparseopt.cli.main import main
+
+    archive = write_cifar_archive(tmp_path / "src", "cifar10", n_train=40, n_test=20)
+    body = archive.read_bytes()
+    Handler.files = {archive.name: body}
+    monkeypatch.setitem(dl.SOURCES, "cifar10", (server + "/ok/", [(archive.name, hashlib.md5(body).hexdigest())]))
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert main(["train", "--dataset", "cifar10", "--model", "resnet20", "--download", "--data-dir", str(data),
+                 "--epochs", "1", "--batch-size", "20", "--quiet", "--no-compare-optimizers", "--out", str(out)]) == 0
+    assert (data / archive.name).is_file() and (out / "results.json").is_file()
