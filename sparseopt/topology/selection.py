@@ -23,18 +23,20 @@ def prune_and_grow(
     drop_score: torch.Tensor,
     grow_score: torch.Tensor,
     n_drop: int,
+    n_active: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(kept, new)`` masks. ``new``: keep the ``n_active - n_drop`` active entries with the largest
     ``drop_score`` (weight magnitude), then grow ``n_drop`` entries with the
     largest ``grow_score`` among all entries not kept (a just-dropped entry may
     be regrown). ``kept`` is the mask after pruning, before growing. The number
-    of active entries is unchanged.
+    of active entries is unchanged (``n_active`` may be passed to save a count).
     """
     flat = mask.reshape(-1)
-    n_active = int(flat.sum())
+    if n_active is None:
+        n_active = int(flat.sum())
     n_drop = max(0, min(int(n_drop), n_active))
-    neg_inf = torch.tensor(float("-inf"), dtype=torch.float32, device=mask.device)
-    keep_scores = torch.where(flat, drop_score.reshape(-1).float().nan_to_num(nan=0.0), neg_inf)
+    neg_inf = float("-inf")
+    keep_scores = torch.where(flat, drop_score.reshape(-1).float(), neg_inf)
     kept = torch.zeros_like(flat)
     kept[_top_k(keep_scores, n_active - n_drop)] = True
     grow_scores = torch.where(kept, neg_inf, grow_score.reshape(-1).float().nan_to_num(nan=0.0, posinf=3e38))

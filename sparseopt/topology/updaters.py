@@ -147,26 +147,30 @@ class DSTUpdater(Static):
     @torch.no_grad()
     def update(self, fraction: float) -> None:
         """Prune ``int(fraction * n_active)`` connections per layer and grow as many."""
-        changed = 0
+        # One synchronisation for all layer counts (they are constant between updates).
+        counts = torch.stack([m.sum() for m in self.masks.masks]).tolist()
+        grown = []
         for index, layer in enumerate(self.masks):
             old = layer.mask
-            n_drop = int(fraction * int(old.sum()))
+            n_drop = int(fraction * counts[index])
             if n_drop == 0:
                 continue
-            kept, new = prune_and_grow(old, layer.weight.abs(), self.grow_scores(index, layer), n_drop)
+            kept, new = prune_and_grow(old, layer.weight.abs(), self.grow_scores(index, layer), n_drop, int(counts[index]))
             # keep_regrown: a dropped-and-regrown connection never left (value and state kept);
             # otherwise it restarts from 0 like any new connection.
             fresh = new & ~(old if self.keep_regrown else kept)
-            layer.weight.masked_fill_(fresh | ~new, 0.0)
+            restart = fresh | ~new  # new connections start at 0; pruned ones are 0
+            layer.weight.masked_fill_(restart, 0.0)
             if self.reset_optimizer_state:
-                zero_state_(self.optimizer, layer.weight, fresh | ~new)
+                zero_state_(self.optimizer, layer.weight, restart)
             old.copy_(new)
-            changed += int(fresh.sum())
+            grown.append(fresh.sum())
         self.masks.mark_changed()
         self.num_updates += 1
         if self.skip_update:
             self.optimizer.skip_next_step()
-        self.last_update = {"t": self.t, "drop_fraction": fraction, "grown": changed}
+        self.last_update = {"t": self.t, "drop_fraction": fraction,
+                            "grown": int(torch.stack(grown).sum()) if grown else 0}
 
     def config(self) -> dict[str, Any]:
         return {
