@@ -239,3 +239,14 @@ def test_sparseopt_scaling_removes_the_skew():
     assert slope_before.item() == pytest.approx(-0.5, abs=0.1)  # ratio ~ (1 - s_i)^(-1/2)
     assert abs(slope_after.item()) < 0.1  # no trend left in s_i
     assert corrected.std() / corrected.mean() < 0.15
+
+
+def test_normalized_layers_on_resnet20():
+    from sparseopt.models import resnet20
+
+    model = resnet20(10)
+    masks = sparseopt.sparsify(model, 0.9)
+    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.1), masks, layers="normalized")
+    model(torch.randn(2, 3, 32, 32))
+    convs = [n for n in masks.names if n != "fc"]
+    assert opt.preconditioned_layers == convs and len(convs) == 21  # 19 convs + 2 projection shortcuts

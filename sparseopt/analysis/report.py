@@ -104,6 +104,11 @@ def method_label(optimizer: str, ham: bool, renorm, growth_grad: str) -> str:
     return f"{label} ({', '.join(extras)})" if extras else label
 
 
+def _mean_of(runs: list[RunRecord], key: str) -> float | None:
+    values = [r.results["final"][key] for r in runs if key in r.results.get("final", {})]
+    return mean_std(values)[0] if values else None
+
+
 def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[RunRecord]] = defaultdict(list)
     for r in records:
@@ -124,6 +129,8 @@ def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
             "test_acc_mean": acc_mean,
             "test_acc_std": acc_std,
             "best_test_acc_mean": mean_std([r.results["best_test_acc"] for r in runs])[0],
+            "train_loss_mean": _mean_of(runs, "train_loss"),
+            "train_acc_mean": _mean_of(runs, "train_acc"),
             "itop_mean": mean_std(itops)[0] if itops else None,
             "paper_test_acc": paper.get(fields["epochs"]),
         })
@@ -131,12 +138,18 @@ def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
 
 
 def markdown_tables(rows: list[dict[str, Any]]) -> str:
-    """One table per (dataset, model, dst): rows sparsity x method, columns epoch budgets."""
+    """Per (dataset, model, dst): test accuracy (mean +- std) and final training loss, rows sparsity x method."""
+    return _table(rows, "test") + "\n" + _table(rows, "train_loss")
+
+
+def _table(rows: list[dict[str, Any]], what: str) -> str:
     out = []
     for setting in dict.fromkeys((r["dataset"], r["model"], r["dst"]) for r in rows):
         sel = [r for r in rows if (r["dataset"], r["model"], r["dst"]) == setting]
         budgets = sorted({r["epochs"] for r in sel})
-        out.append(f"### {setting[0]} / {setting[1]} / {setting[2]}: top-1 test accuracy (%), mean +- std over seeds (n)\n")
+        title = ("top-1 test accuracy (%), mean +- std over seeds (n)" if what == "test"
+                 else "final training loss, mean over seeds (convergence)")
+        out.append(f"### {setting[0]} / {setting[1]} / {setting[2]}: {title}\n")
         out.append("| sparsity | method | " + " | ".join(f"{e} epochs" for e in budgets) + " |")
         out.append("|---|---|" + "---:|" * len(budgets))
         for sparsity in sorted({r["sparsity"] for r in sel}):
@@ -148,6 +161,9 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
                         cells.append("")
                         continue
                     r = hit[0]
+                    if what == "train_loss":
+                        cells.append(f"{r['train_loss_mean']:.4f}" if r["train_loss_mean"] is not None else "")
+                        continue
                     cell = f"{r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} ({r['n_seeds']})"
                     if r["paper_test_acc"] is not None:
                         cell += f" [paper {r['paper_test_acc']:.2f}]"
