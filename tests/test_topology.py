@@ -76,7 +76,7 @@ def test_corrected_growth_gradient_uses_sparseopt_scales():
 
 def test_ties_broken_by_position():
     mask = torch.tensor([True, True, False, False, False, False])
-    kept, new = prune_and_grow(mask, torch.tensor([1.0, 1.0, 0, 0, 0, 0]), torch.zeros(6), 1)
+    kept, new = prune_and_grow(mask, torch.tensor([1.0, -1.0, 0, 0, 0, 0]), torch.zeros(6), 1)
     assert kept.tolist() == [True, False, False, False, False, False]
     assert new.tolist() == [True, True, False, False, False, False]  # all-zero grads: lowest index
 
@@ -192,3 +192,20 @@ def test_bad_arguments(convnet):
     # a plain optimizer works when the RigL conventions that need a wrapper are off
     plain = sparseopt.RigL(masks, torch.optim.SGD(convnet.parameters(), lr=0.1), total_steps=10, skip_update=False)
     assert plain.config()["skip_update"] is False
+
+
+def test_topk_selection_equals_stable_sort_with_ties():
+    from sparseopt.topology.selection import select_bottom, select_top
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        scores = torch.randint(0, 5, (n,), generator=g).float()  # many ties
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        order = torch.sort(scores, descending=True, stable=True).indices
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(select_top(scores, k), expected), trial
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[order[: n - k]] = True
+        assert torch.equal(select_bottom(scores, k), ~keep), trial

@@ -1,8 +1,10 @@
 """Prune-and-grow selection for one layer (pure functions).
 
-Ties are broken deterministically by position (a stable sort keeps the lower
-flat index first), so every rank of a distributed run selects the same
-connections from the same scores.
+Selection uses ``torch.topk`` (linear time) with an exact, deterministic
+tie-break: entries strictly beyond the k-th value are taken, and among the
+entries equal to it the lowest flat indices win (for growth and for keeping),
+so every rank of a distributed run selects the same connections from the same
+scores. The result equals a stable descending sort's first ``k``.
 """
 
 from __future__ import annotations
@@ -10,36 +12,61 @@ from __future__ import annotations
 import torch
 
 
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the ``k`` largest scores; ties go to the lower index."""
+def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of a 1-D tensor; ties go to the lower index."""
+    n = scores.numel()
     if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[:k]
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    threshold = torch.topk(scores, k, sorted=False).values.min()
+    chosen = scores > threshold
+    missing = k - int(chosen.sum())
+    ties = torch.nonzero(scores == threshold).reshape(-1)[:missing]  # ascending index order
+    chosen[ties] = True
+    return chosen
+
+
+def select_bottom(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` smallest entries; ties go to the *higher* index
+    (so that what remains is the stable-sort top of the rest)."""
+    n = scores.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    threshold = torch.topk(scores, k, largest=False, sorted=False).values.max()
+    chosen = scores < threshold
+    missing = k - int(chosen.sum())
+    ties = torch.nonzero(scores == threshold).reshape(-1)
+    chosen[ties[ties.numel() - missing:]] = True
+    return chosen
 
 
 def prune_and_grow(
     mask: torch.Tensor,
-    drop_score: torch.Tensor,
+    weight: torch.Tensor,
     grow_score: torch.Tensor,
     n_drop: int,
     n_active: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(kept, new)`` masks. ``new``: keep the ``n_active - n_drop`` active entries with the largest
-    ``drop_score`` (weight magnitude), then grow ``n_drop`` entries with the
-    largest ``grow_score`` among all entries not kept (a just-dropped entry may
-    be regrown). ``kept`` is the mask after pruning, before growing. The number
-    of active entries is unchanged (``n_active`` may be passed to save a count).
+    """Returns ``(kept, new)`` masks. ``new``: drop the ``n_drop`` active entries
+    with the smallest magnitude ``|weight|``, then grow ``n_drop``
+    entries with the largest ``grow_score`` among all entries not kept (a
+    just-dropped entry may be regrown). ``kept`` is the mask after pruning,
+    before growing. The number of active entries is unchanged (``n_active`` may
+    be passed to save a count).
     """
     flat = mask.reshape(-1)
     if n_active is None:
         n_active = int(flat.sum())
     n_drop = max(0, min(int(n_drop), n_active))
-    neg_inf = float("-inf")
-    keep_scores = torch.where(flat, drop_score.reshape(-1).float(), neg_inf)
-    kept = torch.zeros_like(flat)
-    kept[_top_k(keep_scores, n_active - n_drop)] = True
-    grow_scores = torch.where(kept, neg_inf, grow_score.reshape(-1).float().nan_to_num(nan=0.0, posinf=3e38))
-    new = kept.clone()
-    new[_top_k(grow_scores, n_drop)] = True
-    return kept.reshape(mask.shape), new.reshape(mask.shape)
+    # Rank only the active entries (a few % of the layer at high sparsity): a much smaller topk.
+    active = torch.nonzero(flat).reshape(-1)  # ascending, so index tie-breaks carry over
+    dropped = active[select_bottom(weight.reshape(-1)[active].abs(), n_drop)]
+    kept = flat.clone()
+    kept[dropped] = False
+    # Non-finite scores (e.g. an fp16 gradient overflow) must not win the ranking; kept entries cannot grow.
+    scores = grow_score.reshape(-1).nan_to_num(nan=float("-inf"), posinf=float("-inf")).masked_fill_(kept, float("-inf"))
+    grown = select_top(scores, n_drop)
+    return kept.reshape(mask.shape), (kept | grown).reshape(mask.shape)

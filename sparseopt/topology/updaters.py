@@ -144,33 +144,39 @@ class DSTUpdater(Static):
     def grow_scores(self, index: int, layer: MaskedLayer) -> torch.Tensor:
         raise NotImplementedError
 
+    def _active_counts(self) -> list[int]:
+        """Active weights per layer, recounted only when the masks changed outside an update."""
+        if getattr(self, "_counts_version", None) != self.masks.version:
+            self._counts = [int(c) for c in torch.stack([m.sum() for m in self.masks.masks]).tolist()]
+            self._counts_version = self.masks.version
+        return self._counts
+
     @torch.no_grad()
     def update(self, fraction: float) -> None:
         """Prune ``int(fraction * n_active)`` connections per layer and grow as many."""
-        # One synchronisation for all layer counts (they are constant between updates).
-        counts = torch.stack([m.sum() for m in self.masks.masks]).tolist()
-        grown = []
+        counts = self._active_counts()
+        total_drop = 0
         for index, layer in enumerate(self.masks):
             old = layer.mask
             n_drop = int(fraction * counts[index])
             if n_drop == 0:
                 continue
-            kept, new = prune_and_grow(old, layer.weight.abs(), self.grow_scores(index, layer), n_drop, int(counts[index]))
-            # keep_regrown: a dropped-and-regrown connection never left (value and state kept);
-            # otherwise it restarts from 0 like any new connection.
-            fresh = new & ~(old if self.keep_regrown else kept)
-            restart = fresh | ~new  # new connections start at 0; pruned ones are 0
+            kept, new = prune_and_grow(old, layer.weight, self.grow_scores(index, layer), n_drop, counts[index])
+            # Positions restarting from 0 (weight and optimizer state): pruned ones, and new ones.
+            # keep_regrown: a connection dropped and regrown in the same update never left, so
+            # only connections outside the old mask are new; otherwise everything not kept is.
+            restart = ~(new & old) if self.keep_regrown else ~kept
             layer.weight.masked_fill_(restart, 0.0)
             if self.reset_optimizer_state:
                 zero_state_(self.optimizer, layer.weight, restart)
             old.copy_(new)
-            grown.append(fresh.sum())
+            total_drop += n_drop
         self.masks.mark_changed()
+        self._counts_version = self.masks.version  # prune-and-grow keeps every layer's count
         self.num_updates += 1
         if self.skip_update:
             self.optimizer.skip_next_step()
-        self.last_update = {"t": self.t, "drop_fraction": fraction,
-                            "grown": int(torch.stack(grown).sum()) if grown else 0}
+        self.last_update = {"t": self.t, "drop_fraction": fraction, "pruned_and_regrown": total_drop}
 
     def config(self) -> dict[str, Any]:
         return {
