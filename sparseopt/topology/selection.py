@@ -20,10 +20,11 @@ def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=scores.device)
     threshold = torch.topk(scores, k, sorted=False).values.min()
-    chosen = scores > threshold
-    missing = k - int(chosen.sum())
-    ties = torch.nonzero(scores == threshold).reshape(-1)[:missing]  # ascending index order
-    chosen[ties] = True
+    chosen = scores >= threshold
+    extra = int(chosen.sum()) - k
+    if extra:  # more entries equal the threshold than places left: the lowest indices stay
+        ties = torch.nonzero(scores == threshold).reshape(-1)  # ascending
+        chosen[ties[ties.numel() - extra :]] = False
     return chosen
 
 
@@ -36,10 +37,11 @@ def select_bottom(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=scores.device)
     threshold = torch.topk(scores, k, largest=False, sorted=False).values.max()
-    chosen = scores < threshold
-    missing = k - int(chosen.sum())
-    ties = torch.nonzero(scores == threshold).reshape(-1)
-    chosen[ties[ties.numel() - missing:]] = True
+    chosen = scores <= threshold
+    extra = int(chosen.sum()) - k
+    if extra:  # more entries equal the threshold than places left: the highest indices stay
+        ties = torch.nonzero(scores == threshold).reshape(-1)
+        chosen[ties[:extra]] = False
     return chosen
 
 
