@@ -139,7 +139,7 @@ def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
 
 def markdown_tables(rows: list[dict[str, Any]]) -> str:
     """Per (dataset, model, dst): test accuracy (mean +- std) and final training loss, rows sparsity x method."""
-    return _table(rows, "test") + "\n" + _table(rows, "train_loss")
+    return "\n".join(_table(rows, what) for what in ("test", "train_loss", "itop"))
 
 
 def _table(rows: list[dict[str, Any]], what: str) -> str:
@@ -147,8 +147,9 @@ def _table(rows: list[dict[str, Any]], what: str) -> str:
     for setting in dict.fromkeys((r["dataset"], r["model"], r["dst"]) for r in rows):
         sel = [r for r in rows if (r["dataset"], r["model"], r["dst"]) == setting]
         budgets = sorted({r["epochs"] for r in sel})
-        title = ("top-1 test accuracy (%), mean +- std over seeds (n)" if what == "test"
-                 else "final training loss, mean over seeds (convergence)")
+        title = {"test": "top-1 test accuracy (%), mean +- std over seeds (n)",
+                 "train_loss": "final training loss, mean over seeds (convergence)",
+                 "itop": "final ITOP rate (%), mean over seeds (mask exploration)"}[what]
         out.append(f"### {setting[0]} / {setting[1]} / {setting[2]}: {title}\n")
         out.append("| sparsity | method | " + " | ".join(f"{e} epochs" for e in budgets) + " |")
         out.append("|---|---|" + "---:|" * len(budgets))
@@ -161,8 +162,9 @@ def _table(rows: list[dict[str, Any]], what: str) -> str:
                         cells.append("")
                         continue
                     r = hit[0]
-                    if what == "train_loss":
-                        cells.append(f"{r['train_loss_mean']:.4f}" if r["train_loss_mean"] is not None else "")
+                    if what != "test":
+                        value = r["train_loss_mean"] if what == "train_loss" else r["itop_mean"]
+                        cells.append("" if value is None else f"{value:.4f}" if what == "train_loss" else f"{100 * value:.1f}")
                         continue
                     cell = f"{r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} ({r['n_seeds']})"
                     if r["paper_test_acc"] is not None:
@@ -228,11 +230,12 @@ def plot_itop(rows, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     sel = [r for r in rows if r["itop_mean"] is not None and r["dst"] in ("rigl", "set")]
+    longest = max((r["epochs"] for r in sel), default=None)
+    sel = [r for r in sel if r["epochs"] == longest]  # one budget: ITOP grows with training length
     for i, method in enumerate(sorted({(r["dst"], r["method"]) for r in sel})):
         pts = sorted((r["sparsity"], r["itop_mean"]) for r in sel if (r["dst"], r["method"]) == method)
-        # one budget per point: the longest run of each sparsity
         ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], marker="o", color=f"C{i}", label=f"{method[0]}: {method[1]}")
-    ax.set(xlabel="sparsity (%)", ylabel="ITOP rate (%)", title="Mask exploration (ITOP) vs sparsity")
+    ax.set(xlabel="sparsity (%)", ylabel="ITOP rate (%)", title=f"Mask exploration (ITOP) vs sparsity, {longest} epochs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save_figure(fig, path)
