@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -417,7 +416,3 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one run described by ``cfg``; returns the contents of ``results.json``."""
     return Trainer(cfg).run()
 
-
-def main_error(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
