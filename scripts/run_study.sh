@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The convergence study of docs/results.md, end to end (about 1.5 hours on a 2-core CPU):
+# The convergence study of docs/results.md, end to end (about an hour on a 2-core CPU):
 #   bash scripts/run_study.sh [DATA_DIR]
 # Sweeps are idempotent: re-running skips finished runs and resumes stopped ones.
 set -euo pipefail
