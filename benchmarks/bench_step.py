@@ -121,6 +121,18 @@ def batch(args, device):
     return x, torch.randint(0, 100, (args.batch,), generator=g).to(device)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the address space exec created; ru_maxrss on Linux
+    would also carry the parent's peak over fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory_mb(name, args) -> float:
     """Peak RSS (CPU) of a fresh process running a few steps of one variant."""
     cmd = [sys.executable, __file__, "--memory-only", name, "--model", args.model, "--batch", str(args.batch),
@@ -156,7 +168,7 @@ def main(argv=None):
         r = Runner(args.memory_only, args, device)
         for _ in range(args.memory_steps):
             r.step(x, y)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak_rss_mb())
         return None
 
     runners = {n: Runner(n, args, device) for n in args.variants}
