@@ -29,12 +29,6 @@ from .figures import pyplot, save_figure, write_csv
 METHODS = ("sgd", "sparseopt")
 
 
-def _innermost(opt):
-    while hasattr(opt, "base"):
-        opt = opt.base
-    return opt
-
-
 def record_directions(cfg: TrainConfig) -> list[dict]:
     """Train ``cfg`` on the CPU and return one row per (step, layer) with the cosine to the previous direction."""
     torch.manual_seed(cfg.seed)
@@ -71,7 +65,7 @@ def record_directions(cfg: TrainConfig) -> list[dict]:
         for i, layer in enumerate(masks):
             record("update", i, (layer.weight.detach() - before[i]).reshape(-1))
 
-    base = _innermost(run.optimizer)
+    base = run.optimizer.innermost()  # the torch optimizer: its pre-step hook sees the corrected gradient
     base.register_step_pre_hook(pre)
     base.register_step_post_hook(post)
     for epoch in range(cfg.epochs):

@@ -25,14 +25,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         tp, optional = _base_type(_field_type(f.name))
-        doc = (f.__doc__ or "").strip() if hasattr(f, "__doc__") else ""
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
         elif typing.get_origin(tp) is list:
             group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="N")
         else:
             group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                               metavar=("VALUE|none" if optional else "VALUE"), help=doc or None)
+                               metavar=("VALUE|none" if optional else "VALUE"))
 
 
 def parse_train_args(parser: argparse.ArgumentParser, argv: list[str]) -> TrainConfig:

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..analysis.figures import pyplot, save_figure, write_text
 from .config import TrainConfig
-from .io import atomic_write, write_json
+from .io import write_json
 from .trainer import run_name, train
 
 VARIANTS = ("sgd", "sparseopt")
@@ -35,8 +36,6 @@ def comparison_table(histories: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def plot_comparison(histories: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
-    from ..analysis.figures import pyplot, save_figure
-
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for i, (name, hist) in enumerate(histories.items()):
@@ -65,7 +64,7 @@ def compare(cfg: TrainConfig) -> dict[str, Any]:
     title = f"{cfg.dataset} {cfg.model}, {cfg.dst} at {100 * cfg.sparsity:g}% sparsity, seed {cfg.seed}"
     table = comparison_table(histories)
     plot = plot_comparison(histories, out / "comparison.png", title)
-    atomic_write(out / "comparison.md", lambda f: f.write(f"# {title}\n\n{table}\n".encode()))
+    write_text(out / "comparison.md", f"# {title}\n\n{table}\n")
     summary = {v: {"final_test_acc": r["final"]["test_acc"], "best_test_acc": r["best_test_acc"]} for v, r in results.items()}
     write_json(out / "comparison.json", {"title": title, "runs": {v: str(out / v) for v in VARIANTS}, "summary": summary})
     print(f"\n{title}\n{table}")

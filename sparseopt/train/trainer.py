@@ -27,7 +27,7 @@ from ..data import DATASETS, DeviceLoader, download_dataset, imagenet_loader, lo
 from .build import build_run, effective_delta_t, make_model
 from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_sum, check_masks_consistent, cleanup, init_distributed
-from .io import environment, load_checkpoint, save_checkpoint, write_json
+from .io import atomic_write, environment, load_checkpoint, save_checkpoint, write_json
 from .progress import Progress
 from .schedule import peak_lr, warmup_cosine_lr
 
@@ -310,8 +310,6 @@ class Trainer:
         if not path.is_file():
             return
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= self.epoch]
-        from .io import atomic_write
-
         atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
 
     def run(self) -> dict[str, Any]:
