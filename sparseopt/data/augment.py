@@ -6,13 +6,21 @@ import torch
 from torch.nn import functional as F
 
 
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
+def draw_crop_flip(n: int, generator: torch.Generator, padding: int = 4, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop offsets ``(2, n)`` and flip flags ``(n,)`` from a CPU generator (device-independent results)."""
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    return offsets.to(device), flips.to(device)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4, flip: bool = True,
+                     draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Standard CIFAR augmentation for a batch ``(N, C, H, W)``: zero-pad by
     ``padding``, crop back to ``H x W`` at a random offset per image, and flip
-    horizontally with probability 1/2. Random numbers come from ``generator``
-    (a CPU generator, so results do not depend on the device)."""
+    horizontally with probability 1/2. The random numbers are ``draws`` (from
+    :func:`draw_crop_flip`, e.g. drawn once per epoch) or drawn from ``generator``."""
     n, c, h, w = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
+    offsets, flips = draws if draws is not None else draw_crop_flip(n, generator, padding, x.device)
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
     cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
@@ -20,6 +28,5 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int =
     channel = torch.arange(c, device=x.device)[None, :, None, None]
     out = padded[batch, channel, rows, cols]
     if flip:
-        flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         out = torch.where(flips[:, None, None, None], out.flip(3), out)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .augment import random_crop_flip
+from .augment import draw_crop_flip, random_crop_flip
 
 
 class DeviceLoader:
@@ -72,12 +72,15 @@ class DeviceLoader:
 
     def __iter__(self):
         order = self._indices()
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919)
+        if self.augment:  # the epoch's random numbers in one host-to-device copy, not one per batch
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919)
+            offsets, flips = draw_crop_flip(len(order), g, device=self.device)
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = order[batch]
             x = self.images[idx].float()
             if self.augment:  # on raw pixels, so the padding is black as in the standard recipe
-                x = random_crop_flip(x, g)
+                x = random_crop_flip(x, draws=(offsets[:, batch], flips[batch]))
             x = (x - self.mean) * self.inv_std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
