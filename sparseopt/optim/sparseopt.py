@@ -31,6 +31,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
 )
 LAYER_CHOICES = ("all", "normalized")
+_NONE: list[str] = []  # the baseline's (empty) selection, one object so the cache check is an identity test
 
 
 class NormalizedLayerFinder:
@@ -149,8 +150,12 @@ class SparseOpt(OptimizerWrapper):
     @property
     def preconditioned_layers(self) -> list[str]:
         """Names of the layers whose gradients are scaled (empty for the baseline)."""
+        return list(self._selection())
+
+    def _selection(self) -> list[str]:
+        """The selected layer list itself (not a copy): the per-step cache check compares its identity."""
         if not self.precondition:
-            return []
+            return _NONE
         if self._selected is None:
             if self._finder is None or self._finder.found is None:
                 raise RuntimeError(
@@ -158,7 +163,7 @@ class SparseOpt(OptimizerWrapper):
                     "run a forward pass before calling step() or reading preconditioned_layers"
                 )
             self._selected = self._finder.found
-        return list(self._selected)
+        return self._selected
 
     def layer_scales(self) -> list[torch.Tensor]:
         """Per-layer ``c`` vectors as applied now (ones for layers that are not preconditioned)."""
@@ -169,9 +174,9 @@ class SparseOpt(OptimizerWrapper):
         ]
 
     def _refresh(self) -> None:
-        # Recomputed only when a mask changed: otherwise the step is one multiply per weight.
-        selected = self.preconditioned_layers
-        if self._cache_version == self.masks.version and self._cache_selected == selected:
+        # Recomputed only when a mask or the selection changed: otherwise the step is one multiply per weight.
+        selected = self._selection()
+        if self._cache_version == self.masks.version and self._cache_selected is selected:
             return
         chosen = set(selected)
         self._multipliers = {

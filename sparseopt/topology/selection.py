@@ -30,19 +30,11 @@ def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def select_bottom(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` smallest entries; ties go to the *higher* index
-    (so that what remains is the stable-sort top of the rest)."""
-    n = scores.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=scores.device)
-    threshold = torch.topk(scores, k, largest=False, sorted=False).values.max()
-    chosen = scores <= threshold
-    extra = int(chosen.sum()) - k
-    if extra:  # more entries equal the threshold than places left: the highest indices stay
-        ties = torch.nonzero(scores == threshold).reshape(-1)
-        chosen[ties[:extra]] = False
-    return chosen
+    (so that what remains is the stable-sort top of the rest).
+
+    The k largest of the negated, reversed scores, with their lower-index tie-break, mapped back.
+    """
+    return select_top(-scores.flip(0), k).flip(0)
 
 
 def prune_and_grow(

@@ -130,6 +130,8 @@ class DSTUpdater(Static):
         self.keep_regrown = keep_regrown
         self.reset_optimizer_state = reset_optimizer_state
         self.skip_update = skip_update
+        self._counts: list[int] = []
+        self._counts_version: int | None = None  # masks.version the cached counts belong to
 
     def drop_fraction(self, t: int | None = None) -> float:
         return drop_fraction(self.t if t is None else t, self.alpha, self.t_end)
@@ -146,7 +148,7 @@ class DSTUpdater(Static):
 
     def _active_counts(self) -> list[int]:
         """Active weights per layer, recounted only when the masks changed outside an update."""
-        if getattr(self, "_counts_version", None) != self.masks.version:
+        if self._counts_version != self.masks.version:
             self._counts = [int(c) for c in torch.stack([m.sum() for m in self.masks.masks]).tolist()]
             self._counts_version = self.masks.version
         return self._counts
