@@ -22,7 +22,7 @@ from ..train.build import build_run, make_model
 from ..train.config import TrainConfig
 from ..train.distributed import DistEnv
 from ..train.io import write_json
-from ..train.schedule import peak_lr, warmup_cosine_lr
+from ..train.schedule import peak_lr, warmup_cosine_scheduler
 from ..train.trainer import make_loaders
 from .figures import pyplot, save_figure, write_csv
 
@@ -39,7 +39,7 @@ def record_directions(cfg: TrainConfig) -> list[dict]:
     lr = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_batch_scaling)
     run = build_run(cfg, model, total, lr)
     warmup = round(cfg.warmup_epochs * len(train_loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: warmup_cosine_lr(s, total, warmup, lr, cfg.lr_min) / lr)
+    sched = warmup_cosine_scheduler(run.optimizer, total, warmup, lr, cfg.lr_min)
     masks, topology = run.masks, run.topology
     previous: dict[tuple[str, int], torch.Tensor] = {}
     before: list[torch.Tensor] = []

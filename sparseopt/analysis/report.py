@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ..train.io import write_json
+from ..train.io import read_metrics, write_json
 from .figures import pyplot, save_figure, write_csv, write_text
 
 GROUP_KEYS = ("dataset", "model", "dst", "optimizer", "ham", "renorm", "growth_grad", "sparsity", "epochs")
@@ -79,8 +79,7 @@ def load_run(path: Path) -> RunRecord:
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
-    metrics_path = path / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.is_file() else []
+    metrics = read_metrics(path)
     status = results.get("status", "unknown") if results else "incomplete"
     return RunRecord(path, config, status, results, metrics)
 

@@ -7,21 +7,15 @@ Writes ``<out>/sgd/``, ``<out>/sparseopt/`` (complete run folders) and
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from ..analysis.figures import pyplot, save_figure, write_text
 from .config import TrainConfig
-from .io import write_json
+from .io import read_metrics, write_json
 from .trainer import run_name, train
 
 VARIANTS = ("sgd", "sparseopt")
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def comparison_table(histories: dict[str, list[dict[str, Any]]]) -> str:

@@ -27,9 +27,16 @@ from ..data import DATASETS, DeviceLoader, download_dataset, imagenet_loader, lo
 from .build import build_run, effective_delta_t, make_model
 from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_sum, check_masks_consistent, cleanup, init_distributed
-from .io import atomic_write, environment, load_checkpoint, save_checkpoint, write_json
+from .io import (
+    atomic_write,
+    environment,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    write_json,
+)
 from .progress import Progress
-from .schedule import peak_lr, warmup_cosine_lr
+from .schedule import peak_lr, warmup_cosine_scheduler
 
 # Keys that may change between a run and its resume; every other key must match the checkpoint.
 RESUMABLE_KEYS = {"out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download",
@@ -183,10 +190,7 @@ class Trainer:
         run = build_run(cfg, model, self.total_steps, self.peak_lr)
         self.model, self.masks, self.optimizer, self.topology = run.model, run.masks, run.optimizer, run.topology
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: warmup_cosine_lr(step, self.total_steps, warmup, self.peak_lr, cfg.lr_min) / max(self.peak_lr, 1e-30),
-        )
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, warmup, self.peak_lr, cfg.lr_min)
         self.forward_model: nn.Module = model
         if env.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -365,8 +369,7 @@ class Trainer:
         return results
 
     def history(self) -> list[dict[str, Any]]:
-        path = self.out / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        return read_metrics(self.out)
 
     def results(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
         history = (self.history() if self.env.is_main else []) or [last]
