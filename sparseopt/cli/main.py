@@ -11,28 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..data.errors import DatasetError
+from ..train.trainer import NonFiniteLoss
+
+# Errors a user can fix (bad value, missing data, existing folder): message and exit code 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)  # DatasetError is a ValueError
 
 
 def cmd_train(argv: list[str]) -> int:
     from ..train.compare import compare
-    from ..train.trainer import NonFiniteLoss, train
+    from ..train.trainer import train
     from .train_args import add_config_flags, parse_train_args
 
     parser = argparse.ArgumentParser(prog="sparseopt train", description="Train one run (or a baseline/SparseOpt pair).")
     add_config_flags(parser)
-    try:
-        cfg = parse_train_args(parser, argv).validate()
-        if cfg.compare_optimizers:
-            compare(cfg)
-        else:
-            train(cfg)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, DatasetError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_train_args(parser, argv).validate()
+    if cfg.compare_optimizers:
+        compare(cfg)
+    else:
+        train(cfg)
     return 0
 
 
@@ -40,11 +36,7 @@ def _analysis(name):
     def run(argv: list[str]) -> int:
         from . import analyses
 
-        try:
-            return getattr(analyses, name)(argv)
-        except (ValueError, DatasetError, FileNotFoundError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return getattr(analyses, name)(argv)
 
     return run
 
@@ -70,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose one of {list(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[name][0](rest)
+    try:
+        return COMMANDS[name][0](rest)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
