@@ -30,3 +30,20 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     if flip:
         out = torch.where(flips[:, None, None, None], out.flip(3), out)
     return out
+
+
+class Normalize:
+    """uint8-range pixels -> ``(x / 255 - mean) / std`` on the device, optionally channels-last.
+
+    Shared by the on-device loader and the ImageNet loader, so both feed the model the same way.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device, channels_last: bool = False):
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=device).reshape(shape) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=device).reshape(shape) * 255.0)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .augment import draw_crop_flip, random_crop_flip
+from .augment import Normalize, draw_crop_flip, random_crop_flip
 
 
 class DeviceLoader:
@@ -40,10 +40,7 @@ class DeviceLoader:
         self.train, self.augment, self.seed = train, augment, seed
         self.rank, self.world_size = rank, world_size
         self.drop_last = train if drop_last is None else drop_last
-        self.channels_last = channels_last
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(mean, device=self.device).reshape(shape) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).reshape(shape) * 255.0)
+        self.normalize = Normalize(mean, std, self.device, channels_last)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -64,7 +61,9 @@ class DeviceLoader:
 
     @property
     def num_samples(self) -> int:
-        return len(self._indices())
+        """This rank's examples per epoch (the size of ``_indices()``, without drawing a permutation)."""
+        n = self.images.shape[0]
+        return n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
 
     def __len__(self) -> int:
         n = self.num_samples
@@ -81,7 +80,5 @@ class DeviceLoader:
             x = self.images[idx].float()
             if self.augment:  # on raw pixels, so the padding is black as in the standard recipe
                 x = random_crop_flip(x, draws=(offsets[:, batch], flips[batch]))
-            x = (x - self.mean) * self.inv_std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.normalize(x)
             yield x, self.labels[idx]

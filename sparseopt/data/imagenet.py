@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .augment import Normalize
 from .errors import DatasetError
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -108,9 +109,7 @@ class HostLoader:
 
     def __init__(self, loader: DataLoader, sampler, device, mean, std, channels_last: bool = False, seed: int = 0):
         self.loader, self.sampler, self.device, self.seed = loader, sampler, torch.device(device), seed
-        self.mean = torch.tensor(mean, device=self.device).reshape(1, -1, 1, 1) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).reshape(1, -1, 1, 1) * 255.0)
-        self.channels_last = channels_last
+        self.normalize = Normalize(mean, std, self.device, channels_last)
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
@@ -128,10 +127,7 @@ class HostLoader:
 
     def __iter__(self):
         for x, y in self.loader:
-            x = (x.to(self.device, non_blocking=True).float() - self.mean) * self.inv_std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+            yield self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 
 
 def imagenet_loader(root, train: bool, batch_size: int, *, workers: int, device, mean, std, seed: int,
