@@ -34,8 +34,9 @@ def test_skew_on_real_mnist(real_mnist, tmp_path):
     # per neuron: ratio ~ (1 - s_i)^-1/2 before, no trend after SparseOpt's scaling
     assert s["per_neuron_slope"]["before"] == pytest.approx(-0.5, abs=0.1)
     assert abs(s["per_neuron_slope"]["after"]) < 0.1
-    for name in ("skew.csv", "per_neuron.csv", "skew.json", "skew.png"):
-        assert (tmp_path / name).stat().st_size > 0
+    assert len((tmp_path / "skew.csv").read_text().splitlines()) == 1 + 3  # header + one row per norm
+    assert len((tmp_path / "per_neuron.csv").read_text().splitlines()) == 1 + 3 * 64  # 3 inits x 64 neurons
+    assert (tmp_path / "skew.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_skew_cli_on_bundled_subset(tmp_path, capsys):
@@ -77,7 +78,10 @@ def test_direction_records_ordinary_and_across_steps(tmp_path):
         upd = s[method]["update"]
         assert upd["across_pairs"] == 2 * 2  # two topology updates x two masked layers (784-64-10 MLP)
         assert upd["ordinary_pairs"] + upd["across_pairs"] == (steps - 2 - 1) * 2  # 2 skipped steps, first has no predecessor
-        assert -1 <= upd["across_update_mean_cosine"] <= 1 and -1 <= upd["ordinary_mean_cosine"] <= 1
+        # SGD with momentum 0.9: consecutive updates point nearly the same way on ordinary steps
+        assert upd["ordinary_mean_cosine"] > 0.8
+        # a mask update turns the direction: pruned weights leave the update and new ones enter at zero momentum
+        assert upd["across_update_mean_cosine"] < upd["ordinary_mean_cosine"]
     assert (tmp_path / "direction.png").stat().st_size > 10_000
 
 
@@ -117,8 +121,11 @@ def test_report_exact_means_stds_and_missing_runs(tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "62.00 +- 2.65 (3) [paper 61.34]" in md and "59.50 +- 0.71 (2) [paper 60.66]" in md
     assert "base-s2: incomplete" in md and "ours-s4" in md
-    for name in ("summary.csv", "runs.csv", "accuracy_vs_budget.png", "curves.png", "itop_vs_sparsity.png"):
-        assert (tmp_path / "report" / name).stat().st_size > 0
+    summary_rows = (tmp_path / "report" / "summary.csv").read_text().splitlines()
+    assert len(summary_rows) == 1 + 2 and "test_acc_mean" in summary_rows[0]
+    assert len((tmp_path / "report" / "runs.csv").read_text().splitlines()) == 1 + 7
+    for name in ("accuracy_vs_budget.png", "curves.png", "itop_vs_sparsity.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_report_cli_errors(tmp_path, capsys):

@@ -8,12 +8,13 @@ from torch import nn
 import sparseopt
 
 
-def _build(method, seed):
+def _build(method, seed, opt_kw=None, prune_score="magnitude"):
     torch.manual_seed(seed)
     model = SmallConvNet()
     masks = sparseopt.sparsify(model, 0.9, generator=torch.Generator().manual_seed(seed))
-    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4), masks)
-    kw = dict(delta_t=3, total_steps=24)
+    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4), masks,
+                              **(opt_kw or {}))
+    kw = dict(delta_t=3, total_steps=24, prune_score=prune_score)
     topo = sparseopt.RigL(masks, opt, **kw) if method == "rigl" else sparseopt.SET(masks, opt, seed=seed, **kw)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 24)
     return model, masks, opt, topo, sched
@@ -38,16 +39,25 @@ def _save(objs):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("method", ["rigl", "set"])
-def test_resume_is_bit_exact(method):
+VARIANTS = [
+    ("rigl", {}, "magnitude"),
+    ("set", {}, "magnitude"),
+    # every option of the SparseOpt study carries its state through a checkpoint
+    ("rigl", {"scale_ema": 0.9, "undamped_growth": True}, "scaled"),
+    ("rigl", {"scale_source": "bn_stats"}, "normalized"),
+]
+
+
+@pytest.mark.parametrize("method,opt_kw,prune_score", VARIANTS)
+def test_resume_is_bit_exact(method, opt_kw, prune_score):
     data = batches(24, seed=11)
-    straight = _build(method, 0)
+    straight = _build(method, 0, opt_kw, prune_score)
     _train(straight, data)
 
-    first = _build(method, 0)
+    first = _build(method, 0, opt_kw, prune_score)
     _train(first, data[:12])
     state = _save(first)
-    resumed = _build(method, 1)  # fresh objects with other masks and weights
+    resumed = _build(method, 1, opt_kw, prune_score)  # fresh objects with other masks and weights
     model, masks, opt, topo, sched = resumed
     model.load_state_dict(state["model"])
     masks.load_state_dict(state["masks"])

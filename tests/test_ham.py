@@ -90,7 +90,7 @@ def test_composition_order_sparseopt_ham_sgd_matches_hand_written_step():
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
     masks = sparseopt.MaskSet(model, {"0": mask})
     lr, alpha, beta = 0.05, 100.0, 0.01
-    opt = sparseopt.SparseOpt(sparseopt.HAM(torch.optim.SGD(model.parameters(), lr=lr), alpha=alpha, beta=beta), masks)
+    opt = sparseopt.SparseOpt(sparseopt.HAM(torch.optim.SGD(model.parameters(), lr=lr), alpha=alpha, beta=beta), masks, layers="all")
     w = model[0].weight.detach().clone()
     model(torch.randn(5, 6)).pow(2).sum().backward()
     g = model[0].weight.grad.clone()

@@ -1,15 +1,22 @@
 """``sparseopt report``: run folders -> the paper's tables and figures.
 
 Finds every run folder (a folder with ``config.yaml``) under the given paths,
-including sweep folders, groups completed runs by
-``(dataset, model, dst, optimizer, ham, renorm, growth_grad, sparsity, epochs)``,
-and writes mean +- std over seeds (sample standard deviation, ``ddof = 1``; 0 for
-a single seed) as markdown and CSV tables shaped like the paper's Tables 1-3,
-with the paper's published numbers beside ours where the setting matches, plus:
+including sweep folders, groups completed runs by their full resolved config
+minus the seed and runtime-only keys (so runs that differ in lr, batch size,
+subset, delta_t, SparseOpt options, ... are never averaged as if they were
+seeds), and writes mean +- std over seeds (sample standard deviation,
+``ddof = 1``; 0 for a single seed) as markdown and CSV tables shaped like the
+paper's Tables 1-3. Each method's label names the keys in which its group
+differs from the others; the paper's published numbers are shown beside ours
+only where the setting is the paper's. Duplicate seeds within a group are
+flagged. Figures:
 
 * ``accuracy_vs_budget.png``: final test accuracy against the epoch budget (Figs. 11-14);
 * ``curves.png``: train / test accuracy over epochs (Figs. 3-4, 15-16);
-* ``itop_vs_sparsity.png``: final ITOP rate against sparsity (Fig. 5).
+* ``itop_vs_sparsity.png``: final ITOP rate against sparsity (Fig. 5);
+* ``neurons.png`` (runs with neuron monitoring): dead neurons, fan-in inequality,
+  the range of ``c_i``, weight norm vs fan-in, churn of grown connections and the
+  loss around topology updates, methods side by side.
 
 Runs without a ``results.json`` (incomplete), with a status other than
 ``completed`` (diverged, failed), and runs a sweep expected but that are absent
@@ -30,7 +37,16 @@ import yaml
 from ..train.io import read_metrics, write_json
 from .figures import pyplot, save_figure, write_csv, write_text
 
+# The axes of the paper's tables; runs are grouped by every method key (below), not by these alone.
 GROUP_KEYS = ("dataset", "model", "dst", "optimizer", "ham", "renorm", "growth_grad", "sparsity", "epochs")
+# Keys that do not change what is computed (or only how fast): runs differing only in these are seeds of one group.
+RUNTIME_KEYS = frozenset({
+    "seed", "out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download", "device",
+    "eval_batch_size", "check_masks", "compare_optimizers", "monitor", "compile", "bf16", "channels_last",
+    "cudnn_benchmark",
+})
+# Keys whose values the paper's table rows already show.
+LABELLED_KEYS = frozenset({"dataset", "model", "dst", "sparsity", "epochs", "optimizer"})
 
 # Top-1 % reported by the paper (SPEC section 7), RigL. Key: (dataset, model, dst, sparsity, optimizer, ham) -> {epochs: acc}.
 PAPER: dict[tuple, dict[int, float]] = {
@@ -61,7 +77,12 @@ class RunRecord:
 
     @property
     def key(self) -> tuple:
-        return tuple(self.config.get(k) for k in GROUP_KEYS)
+        """The full method config (every key but the seed and runtime-only ones), hashable."""
+        return tuple(sorted((k, _hashable(v)) for k, v in self.config.items() if k not in RUNTIME_KEYS))
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
@@ -91,16 +112,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def method_label(optimizer: str, ham: bool, renorm, growth_grad: str) -> str:
+def method_label(optimizer: str, ham: bool, renorm, growth_grad: str, extras: dict[str, Any] | None = None) -> str:
     label = "Ours" if optimizer == "sparseopt" else "Baseline"
-    extras = []
+    parts = []
     if ham:
-        extras.append("w/ HAM")
+        parts.append("w/ HAM")
     if renorm is not None:
-        extras.append(f"renorm {renorm:g}")
+        parts.append(f"renorm {renorm:g}")
     if growth_grad != "original":
-        extras.append(f"{growth_grad} growth")
-    return f"{label} ({', '.join(extras)})" if extras else label
+        parts.append(f"{growth_grad} growth")
+    parts += [f"{k}={v}" for k, v in (extras or {}).items()]
+    return f"{label} ({', '.join(parts)})" if parts else label
 
 
 def _mean_of(runs: list[RunRecord], key: str) -> float | None:
@@ -108,23 +130,85 @@ def _mean_of(runs: list[RunRecord], key: str) -> float | None:
     return mean_std(values)[0] if values else None
 
 
+def differing_keys(keys: list[tuple]) -> dict[tuple, dict[str, Any]]:
+    """Per group key: the method keys (beyond the table's axes) whose values differ between groups.
+
+    A group lists those of its values that differ from the config defaults; when
+    that leaves two groups with the same label, every differing key is listed.
+    """
+    from ..train.config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    configs = {key: dict(key) for key in keys}
+    varying = sorted({k for c in configs.values() for k in c
+                      if k not in LABELLED_KEYS and k not in ("ham", "renorm", "growth_grad")
+                      and len({_hashable(other.get(k)) for other in configs.values()}) > 1})
+    short = {key: {k: c.get(k) for k in varying if _hashable(c.get(k)) != _hashable(defaults.get(k))} for key, c in configs.items()}
+    labels = [tuple(sorted(v.items())) + tuple((k, dict(key)[k]) for k in sorted(LABELLED_KEYS) if k in dict(key))
+              for key, v in short.items()]
+    if len(set(map(str, labels))) < len(labels):
+        return {key: {k: c.get(k) for k in varying} for key, c in configs.items()}
+    return short
+
+
+# Neuron statistics of the last epoch and update averages shown in the report (see sparseopt.monitor).
+NEURON_COLUMNS = ("neurons/dead", "fan_in/cv", "fan_in/q05", "scale/min", "scale/max", "weight_norm/fan_in_slope")
+UPDATE_COLUMNS = ("grown_pruned", "loss_jump", "loss_window_after")
+
+
+def neuron_summary(runs: list[RunRecord]) -> dict[str, float]:
+    """Mean over seeds of the last epoch's neuron statistics and of the per-update records."""
+    out: dict[str, float] = {}
+    for key in NEURON_COLUMNS:
+        values = [r.metrics[-1][key] for r in runs if r.metrics and r.metrics[-1].get(key) is not None]
+        if values:
+            out[key] = mean_std(values)[0]
+    per_run: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        updates = read_metrics(r.path, event="update")
+        for key in UPDATE_COLUMNS:
+            values = [_update_value(u, key) for u in updates]
+            values = [v for v in values if v is not None]
+            if values:
+                per_run[key].append(sum(values) / len(values))
+    for key, values in per_run.items():
+        out[f"update/{key}"] = mean_std(values)[0]
+    return out
+
+
+def _update_value(record: dict[str, Any], key: str) -> float | None:
+    if key == "loss_jump":
+        before, after = record.get("loss_before"), record.get("loss_after")
+        return None if before is None or after is None else after - before
+    if key == "loss_window_after":  # the rise of the mean loss over the window after the update
+        before, after = record.get("loss_window_before"), record.get("loss_window_after")
+        return None if before is None or after is None else after - before
+    return record.get(key)
+
+
 def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.status == "completed":
             groups[r.key].append(r)
+    extras = differing_keys(list(groups))
     rows = []
-    for key, runs in sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
-        fields = dict(zip(GROUP_KEYS, key))
+    for key, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        config = dict(key)
+        fields = {k: config.get(k) for k in GROUP_KEYS}
         acc_mean, acc_std = mean_std([r.results["final"]["test_acc"] for r in runs])
         itops = [r.results["final"]["itop"] for r in runs if "itop" in r.results.get("final", {})]
+        seeds = sorted(r.config.get("seed") for r in runs)
+        paper_setting = fields["renorm"] is None and fields["growth_grad"] == "original" and not extras[key]
         paper = PAPER.get((fields["dataset"], fields["model"], fields["dst"], fields["sparsity"], fields["optimizer"],
-                           bool(fields["ham"])), {}) if fields["renorm"] is None and fields["growth_grad"] == "original" else {}
+                           bool(fields["ham"])), {}) if paper_setting else {}
         rows.append({
             **fields,
-            "method": method_label(fields["optimizer"], fields["ham"], fields["renorm"], fields["growth_grad"]),
+            "method": method_label(fields["optimizer"], fields["ham"], fields["renorm"], fields["growth_grad"], extras[key]),
+            "differs": extras[key],
             "n_seeds": len(runs),
-            "seeds": sorted(r.config.get("seed") for r in runs),
+            "seeds": seeds,
+            "duplicate_seeds": sorted({s for s in seeds if seeds.count(s) > 1}),
             "test_acc_mean": acc_mean,
             "test_acc_std": acc_std,
             "best_test_acc_mean": mean_std([r.results["best_test_acc"] for r in runs])[0],
@@ -132,6 +216,7 @@ def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
             "train_acc_mean": _mean_of(runs, "train_acc"),
             "itop_mean": mean_std(itops)[0] if itops else None,
             "paper_test_acc": paper.get(fields["epochs"]),
+            "neurons": neuron_summary(runs),
         })
     return rows
 
@@ -204,25 +289,108 @@ def plot_budget(rows, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_curves(records: list[RunRecord], path: Path) -> None:
-    plt = pyplot()
+def labelled_groups(records: list[RunRecord]) -> list[tuple[str, list[RunRecord]]]:
+    """Completed runs with metrics, grouped as in the tables, each with a label for figures."""
     groups: dict[tuple, list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.status == "completed" and r.metrics:
             groups[r.key].append(r)
+    extras = differing_keys(list(groups))
+    out = []
+    for key, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        f = dict(key)
+        label = method_label(f.get("optimizer"), f.get("ham"), f.get("renorm"), f.get("growth_grad", "original"), extras[key])
+        out.append((f"{label} {100 * f.get('sparsity', 0):g}% e{f.get('epochs')}", runs))
+    return out
+
+
+def _epoch_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _mean_curve(runs: list[RunRecord], metric: str) -> tuple[list[int], list[float]]:
+    epochs = min(len(r.metrics) for r in runs)
+    xs, ys = [], []
+    for e in range(epochs):
+        values = [r.metrics[e][metric] for r in runs if r.metrics[e].get(metric) is not None]
+        if values:
+            xs.append(e + 1)
+            ys.append(sum(values) / len(values))
+    return xs, ys
+
+
+def plot_curves(records: list[RunRecord], path: Path) -> None:
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (key, runs) in enumerate(sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0]))):
-        f = dict(zip(GROUP_KEYS, key))
-        label = f"{method_label(f['optimizer'], f['ham'], f['renorm'], f['growth_grad'])} {100 * f['sparsity']:g}% e{f['epochs']}"
-        epochs = min(len(r.metrics) for r in runs)
+    for i, (label, runs) in enumerate(labelled_groups(records)):
         for ax, metric in zip(axes, ("train_acc", "test_acc")):
-            ys = [sum(r.metrics[e][metric] for r in runs) / len(runs) for e in range(epochs)]
-            ax.plot(range(1, epochs + 1), ys, color=f"C{i % 10}", label=label)
+            ax.plot(*_mean_curve(runs, metric), color=f"C{i % 10}", label=label)
     for ax, name in zip(axes, ("train accuracy (%)", "test accuracy (%)")):
         ax.set(xlabel="epoch", ylabel=name, title=f"{name} (mean over seeds)")
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     save_figure(fig, path)
+
+
+NEURON_PANELS = (
+    ("test_acc", "test accuracy (%)"),
+    ("train_loss", "training loss"),
+    ("neurons/dead", "dead neurons (n_i = 0)"),
+    ("fan_in/cv", "fan-in inequality: mean over layers of std(n)/mean(n)"),
+    ("fan_in/q05", "5% quantile of n_i / n_avg"),
+    ("scale/max", "largest c_i (dashed: smallest)"),
+    ("weight_norm/fan_in_slope", "slope of log ||w_i|| vs log n_i"),
+    ("update/grown_pruned", "share of grown connections removed at the next update"),
+    ("update/loss_jump", "loss jump at an update (same batch, new - old mask)"),
+)
+
+
+def plot_neurons(records: list[RunRecord], path: Path) -> bool:
+    """Neuron statistics over epochs, one line per group (mean over seeds); False when no run has them."""
+    groups = [(label, runs) for label, runs in labelled_groups(records) if any("fan_in/cv" in r.metrics[-1] for r in runs)]
+    if not groups:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
+    for i, (label, runs) in enumerate(groups):
+        color = f"C{i % 10}"
+        for ax, (metric, title) in zip(axes.flat, NEURON_PANELS):
+            if metric == "update/loss_jump":
+                for r in runs:
+                    for m in r.metrics:
+                        if m.get("update/loss_after") is not None:
+                            m["update/loss_jump"] = m["update/loss_after"] - m["update/loss_before"]
+            xs, ys = _mean_curve(runs, metric)
+            ax.plot(xs, ys, color=color, marker=".", label=label)
+            if metric == "scale/max":
+                ax.plot(*_mean_curve(runs, "scale/min"), color=color, linestyle="--")
+            ax.set_title(title, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=6)
+    save_figure(fig, path)
+    return True
+
+
+def neuron_table(rows: list[dict[str, Any]]) -> str:
+    """Last-epoch neuron statistics and per-update averages, one row per group (mean over seeds)."""
+    sel = [r for r in rows if r["neurons"]]
+    if not sel:
+        return ""
+    columns = [*NEURON_COLUMNS, *(f"update/{k}" for k in UPDATE_COLUMNS)]
+    out = ["### Neurons and topology updates (last epoch; update columns: mean over all updates), mean over seeds\n",
+           "| sparsity | method | epochs | " + " | ".join(columns) + " |", "|---|---|---:|" + "---:|" * len(columns)]
+    for r in sorted(sel, key=lambda r: (r["sparsity"], r["epochs"], r["method"])):
+        cells = [f"{r['neurons'][c]:.3f}" if c in r["neurons"] else "" for c in columns]
+        out.append(f"| {100 * r['sparsity']:g}% | {r['method']} | {r['epochs']} | " + " | ".join(cells) + " |")
+    out.append("\n`update/loss_jump`: loss of the update step's batch with the new mask minus with the old; "
+               "`update/loss_window_after`: mean loss of the steps after an update minus the steps before.\n")
+    return "\n".join(out)
 
 
 def plot_itop(rows, path: Path) -> None:
@@ -240,7 +408,28 @@ def plot_itop(rows, path: Path) -> None:
     save_figure(fig, path)
 
 
-def report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
+def _compact(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record without its per-layer keys (``density/<layer>``, ...): what a curve needs."""
+    return {k: v for k, v in record.items() if k.count("/") == 0 or k.split("/")[0] in ("update", "scale", "fan_in", "weight_norm")
+            or k in ("neurons/dead", "neurons/dead_frac")}
+
+
+def write_curves(records: list[RunRecord], path: str | Path) -> Path:
+    """One JSON line per run: its method config, seed, status, per-epoch metrics and per-update records (compact)."""
+    groups = {id(r): label for label, runs in labelled_groups(records) for r in runs}
+    lines = []
+    for r in records:
+        lines.append(json.dumps({
+            "run": r.path.name, "group": groups.get(id(r)), "seed": r.config.get("seed"), "status": r.status,
+            "config": {k: v for k, v in r.config.items() if k not in RUNTIME_KEYS},
+            "final": (r.results or {}).get("final"), "seconds": (r.results or {}).get("seconds"),
+            "epochs": [_compact(m) for m in r.metrics],
+            "updates": [_compact(u) for u in read_metrics(r.path, event="update")],
+        }, default=str))
+    return write_text(path, "\n".join(lines) + "\n")
+
+
+def report(paths: list[str | Path], out: str | Path, curves: str | Path | None = None) -> dict[str, Any]:
     out = Path(out)
     records = [load_run(p) for p in find_run_dirs(paths)]
     if not records:
@@ -254,15 +443,26 @@ def report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
     lines = ["# sparseopt report", "", f"{len(records)} run folders, {sum(r.status == 'completed' for r in records)} completed.", ""]
     if rows:
         lines.append(markdown_tables(rows))
+        lines.append(neuron_table(rows))
+    duplicates = [r for r in rows if r["duplicate_seeds"]]
+    if duplicates:
+        lines.append("## Groups with duplicate seeds (the same run counted twice?)")
+        lines += [f"- {100 * r['sparsity']:g}% {r['method']} e{r['epochs']}: seeds {r['duplicate_seeds']} appear more than once"
+                  for r in duplicates]
+        lines.append("")
     lines.append("## Runs not completed")
     lines += [f"- {r['path']}: {r['status']} ({r['epochs_done']}/{r['epochs']} epochs)" for r in not_completed] or ["- none"]
     lines.append("")
     lines.append("## Runs a sweep expected but that are missing")
     lines += [f"- {m}" for m in missing] or ["- none"]
     lines.append("")
-    lines.append("Figures: accuracy_vs_budget.png, curves.png, itop_vs_sparsity.png. Std is the sample standard deviation over seeds.")
+    lines.append("Figures: accuracy_vs_budget.png, curves.png, itop_vs_sparsity.png, neurons.png (runs with neuron monitoring). "
+                 "Std is the sample standard deviation over seeds.")
     write_text(out / "report.md", "\n".join(lines) + "\n")
-    write_csv(out / "summary.csv", [{k: v for k, v in r.items() if k != "seeds"} | {"seeds": " ".join(map(str, r["seeds"]))} for r in rows])
+    write_csv(out / "summary.csv", [
+        {k: v for k, v in r.items() if k not in ("seeds", "neurons", "differs", "duplicate_seeds")}
+        | {"seeds": " ".join(map(str, r["seeds"])), "differs": json.dumps(r["differs"], default=str)} | r["neurons"]
+        for r in rows])
     write_csv(out / "runs.csv", [{"path": str(r.path), "status": r.status, **{k: r.config.get(k) for k in GROUP_KEYS},
                                   "seed": r.config.get("seed"),
                                   "test_acc": (r.results or {}).get("final", {}).get("test_acc")} for r in records])
@@ -272,4 +472,7 @@ def report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
         plot_budget(rows, out / "accuracy_vs_budget.png")
         plot_curves(records, out / "curves.png")
         plot_itop(rows, out / "itop_vs_sparsity.png")
+        plot_neurons(records, out / "neurons.png")
+    if curves is not None:
+        write_curves(records, curves)
     return summary

@@ -142,8 +142,12 @@ def run_skew(
     inits: int = 5,
     seed: int = 0,
     spread=(0.5, 0.97),
+    progress=None,
 ) -> dict:
-    """The whole ``sparseopt skew`` analysis; writes CSV, JSON and PNG files into ``out``."""
+    """The whole ``sparseopt skew`` analysis; writes CSV, JSON and PNG files into ``out``.
+
+    ``progress``: optional callable ``(done, total)`` called after each gradient measurement.
+    """
     from pathlib import Path
 
     from ..train.io import write_json
@@ -151,6 +155,7 @@ def run_skew(
 
     out = Path(out)
     rows, summary = [], {}
+    total, done = (len(norms) * len(sparsities) + 1) * inits, 0
     for norm in norms:
         for s in sparsities:
             ratios, neuron_cv, factors, factor_cv = [], [], [], []
@@ -159,6 +164,9 @@ def run_skew(
                 # LayerNorm's theory is for uniform neuron sparsity: give every neuron the same fan-in.
                 mask = (row_uniform_mask if norm == "layernorm" else uniform_random_mask)((64, inputs.shape[1]), s, gen)
                 r = gradient_ratio(inputs, labels, mask, norm, batches, batch_size, seed + k)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
                 ratios.append(r.ratio)
                 neuron_cv.append((r.neuron_ratio.std() / r.neuron_ratio.mean()).item())
                 factors.append(r.neuron_factor.mean().item())
@@ -174,6 +182,9 @@ def run_skew(
     for k in range(inits):
         mask = spread_mask((64, inputs.shape[1]), spread[0], spread[1], torch.Generator().manual_seed(seed + k))
         r = gradient_ratio(inputs, labels, mask, "batchnorm", batches, batch_size, seed + k)
+        done += 1
+        if progress is not None:
+            progress(done, total)
         corrected = r.neuron_ratio * r.scales
         slopes["before"].append(trend(r.neuron_sparsity, r.neuron_ratio))
         slopes["after"].append(trend(r.neuron_sparsity, corrected))

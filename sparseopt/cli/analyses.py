@@ -6,16 +6,32 @@ import argparse
 import json
 from pathlib import Path
 
+from ..train.progress import Progress
+
 
 def _print_written(out: Path, names: list[str]) -> None:
     print("wrote " + ", ".join(str(out / n) for n in names))
+
+
+def ensure_writable(folder: Path) -> Path:
+    """Create ``folder`` and prove a file can be written there, before minutes of computing (OSError otherwise)."""
+    from ..train.run_folder import is_under_a_file
+
+    blocker = is_under_a_file(folder)
+    if blocker is not None:
+        raise ValueError(f"--out {folder}: {blocker} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".sparseopt-write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return folder
 
 
 def cmd_skew(argv: list[str]) -> int:
     from ..analysis.skew import DEFAULT_SPARSITIES, NORM_CHOICES, mnist_inputs, run_skew
     from ..data import load_bundled_mnist, load_mnist
 
-    p = argparse.ArgumentParser(prog="sparseopt skew", description="BN gradient skew of a sparse layer (paper Fig. 2, appendix D/E.3).")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="sparseopt skew", description="BN gradient skew of a sparse layer (paper Fig. 2, appendix D/E.3).")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: the bundled subset)")
     p.add_argument("--norm", nargs="+", choices=NORM_CHOICES, default=["batchnorm", "none"])
     p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
@@ -24,14 +40,21 @@ def cmd_skew(argv: list[str]) -> int:
     p.add_argument("--inits", type=int, default=5, help="random initialisations averaged per point")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/skew")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for s in args.sparsities:
         if not 0 <= s < 1:
             p.error(f"--sparsities must be in [0, 1), got {s}")
+    out = ensure_writable(Path(args.out))
     images, labels = load_mnist(args.data_dir, "mnist", True) if args.data_dir else load_bundled_mnist(True)
-    out = Path(args.out)
-    summary = run_skew(mnist_inputs(images), labels, out, norms=args.norm, sparsities=args.sparsities, batches=args.batches,
-                       batch_size=args.batch_size, inits=args.inits, seed=args.seed)
+    with Progress(1, "skew", enabled=not args.quiet) as bar:
+        def progress(done, total):
+            bar.set_total(total)
+            bar.update(done)
+
+        summary = run_skew(mnist_inputs(images), labels, out, norms=args.norm, sparsities=args.sparsities,
+                           batches=args.batches, batch_size=args.batch_size, inits=args.inits, seed=args.seed,
+                           progress=progress)
     print(f"{'norm':>10} {'sparsity':>8} {'ratio':>14} {'1/sqrt(1-s)':>11} {'norm factor':>11}")
     for r in summary["ratios"]:
         print(f"{r['norm']:>10} {r['sparsity']:8.2f} {r['ratio_mean']:7.3f} +- {r['ratio_std']:.3f} {r['theory_bn']:11.3f} "
@@ -47,7 +70,7 @@ def cmd_direction(argv: list[str]) -> int:
     from ..analysis.direction import run_direction
     from .train_args import add_config_flags, parse_train_args
 
-    p = argparse.ArgumentParser(prog="sparseopt direction",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="sparseopt direction",
                                 description="Cosine of consecutive update directions, ordinary vs across mask updates, "
                                             "baseline vs SparseOpt (paper section 3.3). Takes the train config keys.")
     add_config_flags(p)
@@ -57,7 +80,7 @@ def cmd_direction(argv: list[str]) -> int:
     if "--epochs" not in argv and "--config" not in argv:
         argv += ["--epochs", "3"]
     cfg = parse_train_args(p, argv).validate()
-    out = Path(cfg.out)
+    out = ensure_writable(Path(cfg.out))
     summary = run_direction(cfg, out)
     for method in ("sgd", "sparseopt"):
         s = summary[method]["update"]
@@ -70,7 +93,7 @@ def cmd_direction(argv: list[str]) -> int:
 def cmd_toy_ham(argv: list[str]) -> int:
     from ..analysis.toy_ham import run_toy_ham
 
-    p = argparse.ArgumentParser(prog="sparseopt toy-ham", description="HAM vs gradient descent on the one-neuron BN model (appendix A).")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="sparseopt toy-ham", description="HAM vs gradient descent on the one-neuron BN model (appendix A).")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--alpha", type=float, default=1.0)
@@ -79,7 +102,7 @@ def cmd_toy_ham(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.lr <= 0 or args.steps < 1 or args.alpha <= 0:
         p.error("--lr and --alpha must be > 0 and --steps >= 1")
-    out = Path(args.out)
+    out = ensure_writable(Path(args.out))
     summary = run_toy_ham(out, lr=args.lr, steps=args.steps, alpha=args.alpha, seed=args.seed)
     for model in ("one_neuron", "two_neurons"):
         for label, s in summary[model].items():
@@ -92,11 +115,13 @@ def cmd_toy_ham(argv: list[str]) -> int:
 def cmd_report(argv: list[str]) -> int:
     from ..analysis.report import report
 
-    p = argparse.ArgumentParser(prog="sparseopt report", description="Tables and figures from run or sweep folders.")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="sparseopt report", description="Tables and figures from run or sweep folders.")
     p.add_argument("runs", nargs="+", help="run folders or folders containing them (sweeps)")
     p.add_argument("--out", required=True)
+    p.add_argument("--curves", help="also write every run's per-epoch and per-update metrics to this JSON-lines file")
     args = p.parse_args(argv)
-    summary = report(args.runs, args.out)
+    ensure_writable(Path(args.out))
+    summary = report(args.runs, args.out, curves=args.curves)
     print((Path(args.out) / "report.md").read_text())
     print(json.dumps({"groups": len(summary["groups"]), "not_completed": len(summary["not_completed"]),
                       "missing": len(summary["missing"])}))
@@ -106,12 +131,14 @@ def cmd_report(argv: list[str]) -> int:
 def cmd_sweep(argv: list[str]) -> int:
     from ..sweep import load_sweep, run_sweep
 
-    p = argparse.ArgumentParser(prog="sparseopt sweep", description="Expand a sweep file into runs and run them (idempotent).")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="sparseopt sweep", description="Expand a sweep file into runs and run them (idempotent).")
     p.add_argument("file", help="sweep YAML (see configs/sweeps/)")
     p.add_argument("--out", help="sweep folder (default: the file's 'out', else runs/sweeps/<name>)")
     p.add_argument("--launcher", choices=["local", "submitit"], default="local")
     p.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
-    p.add_argument("--gpus", nargs="+", help="local: one run per listed GPU id at a time (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--gpus", nargs="+", help="local: GPU ids to run on (sets CUDA_VISIBLE_DEVICES per run)")
+    p.add_argument("--per-device", type=int, default=1, metavar="N",
+                   help="runs at once on each GPU of --gpus (small models leave a GPU mostly idle; default 1)")
     p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="submitit executor (default: slurm when available)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run, e.g. data_dir=~/data")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")
@@ -120,6 +147,8 @@ def cmd_sweep(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.parallel < 1:
         p.error(f"--parallel must be >= 1, got {args.parallel}")
+    if args.per_device < 1:
+        p.error(f"--per-device must be >= 1, got {args.per_device}")
     overrides = {}
     for item in args.set:
         if "=" not in item:
@@ -129,6 +158,7 @@ def cmd_sweep(argv: list[str]) -> int:
     spec = load_sweep(args.file)
     out = Path(args.out or spec.out or Path("runs") / "sweeps" / spec.name)
     result = run_sweep(spec, out, overrides=overrides, launcher=args.launcher, parallel=args.parallel, gpus=args.gpus,
+                       per_device=args.per_device,
                        cluster=args.cluster, dry_run=args.dry_run, retry_failed=args.retry_failed, wait=not args.no_wait)
     failed = [name for name, code in result["codes"].items() if code not in (0, None) and not isinstance(code, str)]
     if failed:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..train.trainer import NonFiniteLoss
+from ..train.trainer import Interrupted, NonFiniteLoss
 
-# Errors a user can fix (bad value, missing data, existing folder): message and exit code 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)  # DatasetError is a ValueError
+# Errors a user can fix (bad value, missing data, existing folder, an output location that cannot be written):
+# one line and exit code 2. DatasetError is a ValueError; FileNotFoundError, PermissionError, a full disk are OSErrors.
+USER_ERRORS = (ValueError, OSError)
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -22,13 +23,15 @@ def cmd_train(argv: list[str]) -> int:
     from ..train.trainer import train
     from .train_args import add_config_flags, parse_train_args
 
-    parser = argparse.ArgumentParser(prog="sparseopt train", description="Train one run (or a baseline/SparseOpt pair).")
+    parser = argparse.ArgumentParser(prog="sparseopt train", description="Train one run (or a baseline/SparseOpt pair).",
+                                     allow_abbrev=False)
     add_config_flags(parser)
     cfg = parse_train_args(parser, argv).validate()
+    command = ["sparseopt", "train", *argv]
     if cfg.compare_optimizers:
-        compare(cfg)
+        compare(cfg, argv=command)
     else:
-        train(cfg)
+        train(cfg, argv=command)
     return 0
 
 
@@ -53,6 +56,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(f"sparseopt {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\ncommands:")
         for name, (_, help_) in COMMANDS.items():
@@ -67,9 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:  # already reported with the resume command; 128 + signal, as a shell reports it
+        return 128 + e.signum
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or error} : {error.filename}".replace(" : ", ": ")
+    return str(error)
 
 
 if __name__ == "__main__":

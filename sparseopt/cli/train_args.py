@@ -12,7 +12,15 @@ from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 
-from ..train.config import FIELDS, TrainConfig, _base_type, _field_type, make_config
+from ..train.config import (
+    FIELDS,
+    TrainConfig,
+    _base_type,
+    _field_type,
+    field_choices,
+    field_docs,
+    make_config,
+)
 
 
 def default_config_path() -> Path:
@@ -21,17 +29,25 @@ def default_config_path() -> Path:
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (default: the embedded default job)")
-    group = parser.add_argument_group("config keys (override the file)")
+    group = parser.add_argument_group("config keys (override the file; defaults shown are the built-in ones)")
+    docs, choices, defaults = field_docs(), field_choices(), TrainConfig().to_dict()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         tp, optional = _base_type(_field_type(f.name))
+        text = docs.get(f.name, "")
+        if f.name in choices:
+            text += f" {{{', '.join(map(str, choices[f.name]))}}}"
+        default = defaults[f.name]
+        text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        text = text.replace("%", "%%").strip()
         if tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif typing.get_origin(tp) is list:
-            group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="N")
+            group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="N", help=text)
         else:
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                               metavar=("VALUE|none" if optional else "VALUE"))
+            metavar = {int: "INT", float: "FLOAT"}.get(tp, "NAME" if f.name in choices else "VALUE")
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=text,
+                               metavar=f"{metavar}|none" if optional else metavar)
 
 
 def parse_train_args(parser: argparse.ArgumentParser, argv: list[str]) -> TrainConfig:

@@ -136,6 +136,9 @@ class MaskSet:
             raise ValueError("a MaskSet needs at least one mask")
         # ITOP: union over time of all masks (Liu et al. 2021).
         self._explored = [layer.mask.clone() for layer in self.layers]
+        # Connections added by the last topology update (None before the first one):
+        # read by SparseOpt (undamped growth) and by the churn statistic of the updaters.
+        self.grown: list[torch.Tensor] | None = None
         self.apply_()
 
     def _on_model_load(self, module, incompatible_keys) -> None:
@@ -190,9 +193,14 @@ class MaskSet:
         """Zero every masked weight (``w *= m``)."""
         torch._foreach_mul_(self.weights, self.masks)
 
-    def mark_changed(self, update_itop: bool = True) -> None:
-        """Call after editing masks in place: bumps :attr:`version`, updates ITOP."""
+    def mark_changed(self, update_itop: bool = True, grown: list[torch.Tensor] | None = None) -> None:
+        """Call after editing masks in place: bumps :attr:`version`, updates ITOP.
+
+        ``grown``: per layer, the connections the edit added (a topology update passes them).
+        """
         self.version += 1
+        if grown is not None:
+            self.grown = grown
         if update_itop:
             for explored, mask in zip(self._explored, self.masks):
                 explored.logical_or_(mask)
@@ -237,6 +245,7 @@ class MaskSet:
             "names": self.names,
             "masks": [m.clone() for m in self.masks],
             "explored": [e.clone() for e in self._explored],
+            "grown": None if self.grown is None else [g.clone() for g in self.grown],
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -251,6 +260,8 @@ class MaskSet:
             layer.mask.copy_(mask)
         for dst, src in zip(self._explored, state["explored"]):
             dst.copy_(src)
+        grown = state.get("grown")
+        self.grown = None if grown is None else [g.to(m.device, torch.bool).clone() for g, m in zip(grown, self.masks)]
         self.mark_changed(update_itop=False)
         self.apply_()
 

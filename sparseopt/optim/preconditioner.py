@@ -31,13 +31,54 @@ def neuron_scales(mask: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(n / n_avg)
 
 
-def gradient_multiplier(mask: torch.Tensor, precondition: bool, dtype: torch.dtype) -> torch.Tensor:
+def bn_scales(running_var: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``c_i = sigma_i / sqrt(mean_j sigma_j^2)`` from a BatchNorm's running variance ``sigma_i^2``.
+
+    BatchNorm divides neuron ``i``'s gradient by its pre-activation scale
+    ``sigma_i``; the fan-in formula predicts ``sigma_i^2 ~ n_i`` (i.i.d. weights,
+    true at initialisation), this reads the actual value. Normalised like the
+    fan-in scale (mean of ``c_i^2`` over the layer's neurons is 1), so the two
+    agree at initialisation; zero for a neuron with no active weight.
+    """
+    var = running_var.detach().to(torch.float32).clamp_min(0.0)
+    live = fan_in(mask) > 0
+    var = var * live
+    mean = var.mean()
+    if mean <= 0:
+        return torch.zeros_like(var)
+    return torch.sqrt(var / mean)
+
+
+def smooth_scales(previous: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """One step of an exponential moving average of ``c`` towards ``target``.
+
+    Neurons with no scale yet (``previous == 0``: new or revived) take the
+    target at once, and neurons without active weights (``target == 0``) drop
+    to 0: only the jumps of live neurons are smoothed.
+    """
+    smoothed = beta * previous + (1.0 - beta) * target
+    smoothed = torch.where(previous > 0, smoothed, target)
+    return torch.where(target > 0, smoothed, torch.zeros_like(target))
+
+
+def gradient_multiplier(
+    mask: torch.Tensor,
+    scale: torch.Tensor | None,
+    dtype: torch.dtype,
+    grown: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Tensor of the weight's shape that masks (and optionally preconditions) a gradient.
 
     ``grad *= gradient_multiplier(...)`` does both the gradient masking and the
-    SparseOpt scaling in one elementwise multiply per step.
+    SparseOpt scaling (``scale``: the per-neuron ``c``, ``None`` for the plain
+    masked gradient) in one elementwise multiply per step. ``grown``: positions
+    whose scale is raised to at least 1 (new connections are not damped).
     """
     multiplier = mask.to(dtype)
-    if precondition:
-        multiplier = multiplier * neuron_scales(mask).to(dtype).reshape(neuron_shape(mask))
+    if scale is not None:
+        c = scale.to(device=mask.device, dtype=dtype).reshape(neuron_shape(mask))
+        if grown is None:
+            multiplier = multiplier * c
+        else:
+            multiplier = multiplier * torch.where(grown.to(mask.device), c.clamp_min(1.0), c)
     return multiplier

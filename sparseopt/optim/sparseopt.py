@@ -24,13 +24,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..masks.maskset import MaskSet
-from .preconditioner import gradient_multiplier, neuron_scales
+from .preconditioner import bn_scales, gradient_multiplier, neuron_scales, smooth_scales
 from .wrapper import OptimizerWrapper, grads_of
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
 )
 LAYER_CHOICES = ("all", "normalized")
+SCALE_SOURCES = ("fan_in", "bn_stats")
 _NONE: list[str] = []  # the baseline's (empty) selection, one object so the cache check is an identity test
 
 
@@ -44,6 +45,7 @@ class NormalizedLayerFinder:
 
     def __init__(self, model: nn.Module, masks: MaskSet):
         self.found: list[str] | None = None
+        self.norms: dict[str, nn.Module] = {}  # masked layer -> the normalization module it feeds
         self._outputs: dict[int, tuple[str, torch.Tensor]] = {}
         self._feeds: set[str] = set()
         self._handles = []
@@ -65,6 +67,7 @@ class NormalizedLayerFinder:
             hit = self._outputs.get(id(args[0]))
             if hit is not None and hit[1] is args[0]:
                 self._feeds.add(hit[0])
+                self.norms.setdefault(hit[0], module)
 
     def _finish(self, module, args, output):
         self.found = [n for n in self._order if n in self._feeds]
@@ -86,16 +89,24 @@ class SparseOpt(OptimizerWrapper):
             holding every masked weight.
         masks: the model's :class:`~sparseopt.MaskSet`.
         precondition: apply the SparseOpt scaling (``False``: plain masked DST baseline).
-        layers: which masked layers are preconditioned: ``"all"`` (default, as the
-            authors), ``"normalized"`` (only layers whose output feeds a
-            BatchNorm/LayerNorm/GroupNorm, detected on the model's first forward
-            pass), or an explicit list of layer names.
+        layers: which masked layers are preconditioned: ``"normalized"`` (default:
+            only layers whose output feeds a BatchNorm/LayerNorm/GroupNorm, which is
+            what the theory covers; detected on the model's first forward pass),
+            ``"all"`` (every masked layer, as the authors), or a list of layer names.
         max_grad_norm: if set, clip the global gradient norm over all parameters
             to this value after the correction (appendix F; default ``None``).
         scale_weight_decay: fold the base optimizer's coupled weight decay into the
             gradient *before* the scaling, as an L2 term in the loss would be
             (JAX/Flax recipes). Default ``False``: PyTorch's SGD adds it after the
             scaling, unscaled. Intended for SGD; AdamW's decay is decoupled.
+        scale_source: where ``c_i`` comes from: ``"fan_in"`` (the paper,
+            ``sqrt(n_i / n_avg)``, recomputed when a mask changes) or ``"bn_stats"``
+            (``sigma_i / rms(sigma)`` from the running variance of the BatchNorm the
+            layer feeds, recomputed every step; layers without one use the fan-in).
+        scale_ema: ``beta`` of an exponential moving average of ``c`` over steps
+            (``0``, the default: ``c`` jumps to its new value at a mask update).
+        undamped_growth: connections added by the last topology update get
+            ``max(c_i, 1)`` instead of ``c_i`` until the next update.
 
     Call :meth:`skip_next_step` to make the next :meth:`step` a no-op (the
     topology updaters do this on mask-update steps, as reference RigL does).
@@ -107,15 +118,22 @@ class SparseOpt(OptimizerWrapper):
         masks: MaskSet,
         *,
         precondition: bool = True,
-        layers: str | Sequence[str] = "all",
+        layers: str | Sequence[str] = "normalized",
         max_grad_norm: float | None = None,
         scale_weight_decay: bool = False,
+        scale_source: str = "fan_in",
+        scale_ema: float = 0.0,
+        undamped_growth: bool = False,
     ):
         super().__init__(base)
         if not isinstance(masks, MaskSet):
             raise TypeError(f"masks must be a sparseopt.MaskSet, got {type(masks).__name__}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
+        if scale_source not in SCALE_SOURCES:
+            raise ValueError(f"unknown scale_source {scale_source!r}; choose one of {list(SCALE_SOURCES)}")
+        if not 0.0 <= float(scale_ema) < 1.0:
+            raise ValueError(f"scale_ema must be in [0, 1), got {scale_ema!r}")
         held = {id(p) for group in base.param_groups for p in group["params"]}
         missing = [layer.name for layer in masks if id(layer.weight) not in held]
         if missing:
@@ -127,24 +145,33 @@ class SparseOpt(OptimizerWrapper):
         self.precondition = bool(precondition)
         self.max_grad_norm = max_grad_norm
         self.scale_weight_decay = bool(scale_weight_decay)
+        self.scale_source = scale_source
+        self.scale_ema = float(scale_ema)
+        self.undamped_growth = bool(undamped_growth)
         self._finder: NormalizedLayerFinder | None = None
         if isinstance(layers, str):
             if layers not in LAYER_CHOICES:
                 raise ValueError(f"unknown layers={layers!r}; choose one of {list(LAYER_CHOICES)} or a list of layer names")
             self.layers = layers
             self._selected: list[str] | None = masks.names if layers == "all" else None
-            if layers == "normalized":
-                self._finder = NormalizedLayerFinder(masks.model, masks)
         else:
             unknown = sorted(set(layers) - set(masks.names))
             if unknown:
                 raise ValueError(f"layers {unknown} are not masked; masked layers are {masks.names}")
             self.layers = "custom"
             self._selected = [n for n in masks.names if n in set(layers)]
+        if self.precondition and (self._selected is None or scale_source == "bn_stats"):
+            self._finder = NormalizedLayerFinder(masks.model, masks)
         self._skip_next = False
-        self._cache_version = -1
-        self._cache_selected: list[str] | None = None
+        # The scales applied now (per layer; None = not preconditioned) and the multipliers built from them.
+        self._scales: list[torch.Tensor | None] | None = None
+        self._cache_key: tuple | None = None
         self._multipliers: dict[int, torch.Tensor] = {}
+
+    @property
+    def dynamic_scales(self) -> bool:
+        """Whether ``c`` may change at every step (then it is recomputed per step, not cached)."""
+        return self.precondition and (self.scale_source == "bn_stats" or self.scale_ema > 0)
 
     # -- which layers ---------------------------------------------------------------
     @property
@@ -152,39 +179,71 @@ class SparseOpt(OptimizerWrapper):
         """Names of the layers whose gradients are scaled (empty for the baseline)."""
         return list(self._selection())
 
+    def _detected(self) -> NormalizedLayerFinder:
+        if self._finder is None or self._finder.found is None:
+            raise RuntimeError(
+                "layers='normalized' and scale_source='bn_stats' are detected on the model's first forward pass; "
+                "run a forward pass before calling step() or reading preconditioned_layers"
+            )
+        return self._finder
+
     def _selection(self) -> list[str]:
         """The selected layer list itself (not a copy): the per-step cache check compares its identity."""
         if not self.precondition:
             return _NONE
         if self._selected is None:
-            if self._finder is None or self._finder.found is None:
-                raise RuntimeError(
-                    "layers='normalized' is detected on the model's first forward pass; "
-                    "run a forward pass before calling step() or reading preconditioned_layers"
-                )
-            self._selected = self._finder.found
+            self._selected = self._detected().found
         return self._selected
+
+    def _target_scales(self) -> list[torch.Tensor | None]:
+        chosen = set(self._selection())
+        norms = self._detected().norms if self.scale_source == "bn_stats" else {}
+        out: list[torch.Tensor | None] = []
+        for layer in self.masks:
+            if layer.name not in chosen:
+                out.append(None)
+                continue
+            running_var = getattr(norms.get(layer.name), "running_var", None)
+            if running_var is not None and running_var.shape[0] == layer.mask.shape[0]:
+                out.append(bn_scales(running_var, layer.mask))
+            else:
+                out.append(neuron_scales(layer.mask))
+        return out
 
     def layer_scales(self) -> list[torch.Tensor]:
         """Per-layer ``c`` vectors as applied now (ones for layers that are not preconditioned)."""
-        selected = set(self.preconditioned_layers)
+        scales = self._scales if self._scales is not None else self._target_scales()
         return [
-            neuron_scales(layer.mask) if layer.name in selected else torch.ones(layer.mask.shape[0])
-            for layer in self.masks
+            torch.ones(layer.mask.shape[0], device=layer.mask.device) if c is None else c
+            for layer, c in zip(self.masks, scales)
         ]
 
     def _refresh(self) -> None:
-        # Recomputed only when a mask or the selection changed: otherwise the step is one multiply per weight.
+        """Bring the scales and multipliers up to date for this step.
+
+        The paper's scale (fan-in, no smoothing) changes only with a mask or the
+        selection, so the multipliers are cached and the step is one multiply per
+        weight; dynamic scales (BN statistics, smoothing) are recomputed per step.
+        """
         selected = self._selection()
-        if self._cache_version == self.masks.version and self._cache_selected is selected:
+        key = (self.masks.version, id(selected))
+        if not self.dynamic_scales and key == self._cache_key:
             return
-        chosen = set(selected)
+        target = self._target_scales()
+        if self.scale_ema > 0 and self._scales is not None:
+            target = [
+                t if (c is None or t is None) else smooth_scales(c.to(t), t, self.scale_ema)
+                for c, t in zip(self._scales, target)
+            ]
+        self._scales = target
+        grown = self.masks.grown if self.undamped_growth else None
         self._multipliers = {
-            id(layer.weight): gradient_multiplier(layer.mask, layer.name in chosen, layer.weight.dtype)
-            for layer in self.masks
+            id(layer.weight): gradient_multiplier(
+                layer.mask, c, layer.weight.dtype, None if (grown is None or c is None) else grown[i]
+            )
+            for i, (layer, c) in enumerate(zip(self.masks, target))
         }
-        self._cache_version = self.masks.version
-        self._cache_selected = selected
+        self._cache_key = key
 
     # -- the step -----------------------------------------------------------------------
     def skip_next_step(self) -> None:
@@ -232,23 +291,40 @@ class SparseOpt(OptimizerWrapper):
         return saved
 
     # -- checkpoints ------------------------------------------------------------------------
-    def wrapper_state(self) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
+        """The options that define the method (recorded with every run)."""
         return {
             "precondition": self.precondition,
             "layers": self.layers,
-            "selected": self._selected,
             "max_grad_norm": self.max_grad_norm,
             "scale_weight_decay": self.scale_weight_decay,
+            "scale_source": self.scale_source,
+            "scale_ema": self.scale_ema,
+            "undamped_growth": self.undamped_growth,
+        }
+
+    def wrapper_state(self) -> dict[str, Any]:
+        return {
+            **self.config(),
+            "selected": self._selected,
             "skip_next": self._skip_next,
+            # Only smoothing carries information from step to step; every other scale is recomputed.
+            "scales": [None if c is None else c.clone() for c in self._scales] if self.scale_ema > 0 and self._scales else None,
         }
 
     def load_wrapper_state(self, state: dict[str, Any]) -> None:
-        for key in ("precondition", "scale_weight_decay"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"checkpoint was written with {key}={state[key]}, this SparseOpt has {getattr(self, key)}")
+        defaults = {"scale_source": "fan_in", "scale_ema": 0.0, "undamped_growth": False}  # checkpoints from before these options
+        for key in ("precondition", "scale_weight_decay", *defaults):
+            saved = state.get(key, defaults.get(key))
+            if saved != getattr(self, key):
+                raise ValueError(f"checkpoint was written with {key}={saved}, this SparseOpt has {getattr(self, key)}")
         if state["selected"] is not None:
             self._selected = list(state["selected"])
-            if self._finder is not None:
+            if self._finder is not None and self.scale_source != "bn_stats":
                 self._finder.close()  # the checkpoint already knows the layers
         self._skip_next = bool(state["skip_next"])
-        self._cache_version = -1
+        saved_scales = state.get("scales")
+        self._scales = None if saved_scales is None else [
+            None if c is None else c.to(layer.mask.device) for c, layer in zip(saved_scales, self.masks)
+        ]
+        self._cache_key = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -61,43 +62,85 @@ def train_in_process(config: dict[str, Any], distributed: bool = False) -> dict[
     return train(TrainConfig(**config))
 
 
-def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None = None, nproc_per_run: int = 1,
-              poll_s: float = 0.5) -> dict[str, int]:
-    """Each run as a ``sparseopt train`` subprocess; ``parallel`` at a time, each pinned to one entry of ``gpus``."""
+def device_slots(parallel: int = 1, gpus: list[str] | None = None, per_device: int = 1) -> list[str | None]:
+    """One entry per run that may go at once: GPU ids round-robin (``per_device`` runs on each), or CPU slots."""
+    if per_device < 1:
+        raise ValueError(f"per_device must be >= 1, got {per_device!r}")
+    if gpus:
+        return [gpu for _ in range(per_device) for gpu in gpus]
+    return [None] * parallel
+
+
+def threads_per_run(slots: int, cpus: int | None = None) -> int:
+    """CPU threads each run may use so that ``slots`` runs at once do not oversubscribe the cores."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, cpus // max(1, slots))
+
+
+def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None = None, per_device: int = 1,
+              nproc_per_run: int = 1, poll_s: float = 0.5) -> dict[str, int]:
+    """Each run as a ``sparseopt train`` subprocess: ``parallel`` at a time on the CPU, or ``per_device`` at a time
+    on each GPU of ``gpus`` (assigned round-robin through ``CUDA_VISIBLE_DEVICES``), each with its share of the
+    CPU threads. SIGTERM / SIGINT stop every run cleanly (each keeps its last checkpoint, status ``interrupted``)."""
     configs = out / ".sweep" / "configs"
     logs = out / ".sweep" / "logs"
     todo = [(run, action) for run, action in actions if action in ("start", "resume")]
-    free = list(gpus) if gpus else [None] * parallel
+    free = device_slots(parallel, gpus, per_device)
+    threads = threads_per_run(len(free) * nproc_per_run)
     running: list[tuple[subprocess.Popen, PlannedRun, str | None, Any]] = []
     codes: dict[str, int] = {}
-    while todo or running:
-        while todo and free:
-            run, action = todo.pop(0)
-            slot = free.pop(0)
-            cfg = run_config(run, action)
-            cfg_path = configs / f"{run.name}.yaml"
-            atomic_write(cfg_path, lambda f, c=cfg: f.write(yaml.safe_dump(c.to_dict(), sort_keys=False).encode()))
-            cmd = [sys.executable, "-m", "sparseopt", "train", "--config", str(cfg_path)]
-            if nproc_per_run > 1:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_run}",
-                       "-m", "sparseopt", "train", "--config", str(cfg_path)]
-            env = dict(os.environ)
-            if slot is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slot
-            logs.mkdir(parents=True, exist_ok=True)
-            log = open(logs / f"{run.name}.log", "a")
-            print(f"[sweep] {action:6s} {run.name}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
-            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), run, slot, log))
-        time.sleep(poll_s)
-        for item in list(running):
-            proc, run, slot, log = item
-            if proc.poll() is not None:
-                log.close()
-                codes[run.name] = proc.returncode
-                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {logs / (run.name + '.log')})"
-                print(f"[sweep] {status:6s} {run.name}", flush=True)
-                running.remove(item)
-                free.append(slot)
+    stopping: list[int] = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        for proc, *_ in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while (todo and not stopping) or running:
+            while todo and free and not stopping:
+                run, action = todo.pop(0)
+                slot = free.pop(0)
+                cfg = run_config(run, action)
+                cfg_path = configs / f"{run.name}.yaml"
+                atomic_write(cfg_path, lambda f, c=cfg: f.write(yaml.safe_dump(c.to_dict(), sort_keys=False).encode()))
+                cmd = [sys.executable, "-m", "sparseopt", "train", "--config", str(cfg_path)]
+                if nproc_per_run > 1:
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_run}",
+                           "-m", "sparseopt", "train", "--config", str(cfg_path)]
+                env = dict(os.environ)
+                for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                    env.setdefault(var, str(threads))
+                if slot is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = slot
+                logs.mkdir(parents=True, exist_ok=True)
+                log = open(logs / f"{run.name}.log", "a")
+                print(f"[sweep] {action:6s} {run.name}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
+                running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), run, slot, log))
+            time.sleep(poll_s)
+            for item in list(running):
+                proc, run, slot, log = item
+                if proc.poll() is not None:
+                    log.close()
+                    codes[run.name] = proc.returncode
+                    if proc.returncode == 0:
+                        status = "done"
+                    elif stopping:
+                        status = "stopped"
+                    else:
+                        status = f"FAILED (exit {proc.returncode}, see {logs / (run.name + '.log')})"
+                    print(f"[sweep] {status:6s} {run.name}", flush=True)
+                    running.remove(item)
+                    free.append(slot)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopping:
+        left = [run.name for run, _ in todo]
+        print(f"[sweep] stopped by signal {stopping[0]}: {len(left)} run(s) not started; "
+              "run the same sweep command again to resume", flush=True)
     return codes
 
 
@@ -133,7 +176,8 @@ def run_submitit(actions, out: Path, spec: SweepSpec, cluster: str | None = None
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, overrides: dict[str, Any] | None = None, launcher: str = "local",
-              parallel: int = 1, gpus: list[str] | None = None, cluster: str | None = None, dry_run: bool = False,
+              parallel: int = 1, gpus: list[str] | None = None, per_device: int = 1, cluster: str | None = None,
+              dry_run: bool = False,
               retry_failed: bool = False, wait: bool = True) -> dict[str, Any]:
     out = Path(out)
     runs = expand(spec, out, overrides)
@@ -148,7 +192,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, overrides: dict[str, Any] | N
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(spec, out, runs)
     if launcher == "local":
-        codes = run_local(actions, out, parallel=parallel, gpus=gpus, nproc_per_run=spec.nproc_per_run)
+        codes = run_local(actions, out, parallel=parallel, gpus=gpus, per_device=per_device,
+                          nproc_per_run=spec.nproc_per_run)
     elif launcher == "submitit":
         codes = run_submitit(actions, out, spec, cluster=cluster, wait=wait)
     else:

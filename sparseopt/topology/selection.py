@@ -39,17 +39,17 @@ def select_bottom(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def prune_and_grow(
     mask: torch.Tensor,
-    weight: torch.Tensor,
+    prune_score: torch.Tensor,
     grow_score: torch.Tensor,
     n_drop: int,
     n_active: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(kept, new)`` masks. ``new``: drop the ``n_drop`` active entries
-    with the smallest magnitude ``|weight|``, then grow ``n_drop``
-    entries with the largest ``grow_score`` among all entries not kept (a
-    just-dropped entry may be regrown). ``kept`` is the mask after pruning,
-    before growing. The number of active entries is unchanged (``n_active`` may
-    be passed to save a count).
+    with the smallest ``|prune_score|`` (the weight itself: magnitude pruning),
+    then grow ``n_drop`` entries with the largest ``grow_score`` among all
+    entries not kept (a just-dropped entry may be regrown). ``kept`` is the mask
+    after pruning, before growing. The number of active entries is unchanged
+    (``n_active`` may be passed to save a count).
     """
     flat = mask.reshape(-1)
     if n_active is None:
@@ -57,7 +57,7 @@ def prune_and_grow(
     n_drop = max(0, min(int(n_drop), n_active))
     # Rank only the active entries (a few % of the layer at high sparsity): a much smaller topk.
     active = torch.nonzero(flat).reshape(-1)  # ascending, so index tie-breaks carry over
-    dropped = active[select_bottom(weight.reshape(-1)[active].abs(), n_drop)]
+    dropped = active[select_bottom(prune_score.reshape(-1)[active].abs(), n_drop)]
     kept = flat.clone()
     kept[dropped] = False
     # Non-finite scores (e.g. an fp16 gradient overflow) must not win the ranking; kept entries cannot grow.

@@ -30,6 +30,7 @@ from ..masks.maskset import MaskedLayer, MaskSet
 from ..masks.neurons import neuron_shape
 from .optim_state import zero_state_
 from .schedule import drop_fraction, is_update_step
+from .scores import PRUNE_SCORES
 from .selection import prune_and_grow
 
 GROWTH_GRADIENTS = ("original", "corrected")
@@ -80,6 +81,15 @@ class DSTUpdater(Static):
         t_end: last iteration with updates; default ``int(0.75 * total_steps)``.
         total_steps: total training iterations (needed when ``t_end`` is not given,
             and used to reject a ``t_end`` past the end of training).
+        prune_score: which active connections are dropped: ``"magnitude"`` (default,
+            ``|w|``), ``"scaled"`` (``|w| / c_i`` with the optimizer's SparseOpt
+            scales), ``"normalized"`` (``|w|`` over the neuron's RMS weight), or a
+            callable ``(weight, mask, scale) -> score`` (smallest dropped first).
+            Subclasses may override :meth:`prune_scores` instead.
+
+    After each update :attr:`last_update` holds ``t``, the drop fraction, the
+    number of connections pruned and regrown, and ``grown_pruned``: the share of
+    the connections grown at the previous update that this update removed again.
     """
 
     dynamic = True
@@ -96,6 +106,7 @@ class DSTUpdater(Static):
         keep_regrown: bool = True,
         reset_optimizer_state: bool = True,
         skip_update: bool = True,
+        prune_score="magnitude",
     ):
         super().__init__(masks, optimizer)
         if not isinstance(delta_t, int) or delta_t < 1:
@@ -123,6 +134,12 @@ class DSTUpdater(Static):
                 f"(use SparseOpt(base, masks, precondition=False) for the plain baseline); got {type(optimizer).__name__}. "
                 "Or set skip_update=False"
             )
+        if not callable(prune_score) and prune_score not in PRUNE_SCORES:
+            raise ValueError(f"unknown prune_score {prune_score!r}; choose one of {list(PRUNE_SCORES)} or pass a callable")
+        if prune_score == "scaled" and not hasattr(optimizer, "layer_scales"):
+            raise ValueError("prune_score='scaled' needs a sparseopt.SparseOpt optimizer (it supplies the scales)")
+        self.prune_score = prune_score
+        self._score_fn = prune_score if callable(prune_score) else PRUNE_SCORES[prune_score]
         self.delta_t = delta_t
         self.alpha = float(alpha)
         self.t_end = t_end
@@ -146,6 +163,10 @@ class DSTUpdater(Static):
     def grow_scores(self, index: int, layer: MaskedLayer) -> torch.Tensor:
         raise NotImplementedError
 
+    def prune_scores(self, index: int, layer: MaskedLayer, scales: list[torch.Tensor] | None) -> torch.Tensor:
+        """Score of every entry of the layer's weight; the smallest active ones are dropped."""
+        return self._score_fn(layer.weight, layer.mask, None if scales is None else scales[index])
+
     def _active_counts(self) -> list[int]:
         """Active weights per layer, recounted only when the masks changed outside an update."""
         if self._counts_version != self.masks.version:
@@ -157,13 +178,24 @@ class DSTUpdater(Static):
     def update(self, fraction: float) -> None:
         """Prune ``int(fraction * n_active)`` connections per layer and grow as many."""
         counts = self._active_counts()
-        total_drop = 0
+        scales = self.optimizer.layer_scales() if self.prune_score == "scaled" else None
+        previous = self.masks.grown
+        total_drop, grown_before, grown_pruned = 0, 0, 0
+        grown = []
         for index, layer in enumerate(self.masks):
             old = layer.mask
             n_drop = int(fraction * counts[index])
+            if previous is not None:  # small reductions on the device, synchronised once below
+                grown_before += previous[index].sum()
             if n_drop == 0:
+                grown.append(torch.zeros_like(old))
                 continue
-            kept, new = prune_and_grow(old, layer.weight, self.grow_scores(index, layer), n_drop, counts[index])
+            kept, new = prune_and_grow(
+                old, self.prune_scores(index, layer, scales), self.grow_scores(index, layer), n_drop, counts[index]
+            )
+            if previous is not None:  # net: a connection dropped and regrown at once never left
+                grown_pruned += (previous[index] & ~new).sum()
+            grown.append(new & ~old)
             # Positions restarting from 0 (weight and optimizer state): pruned ones, and new ones.
             # keep_regrown: a connection dropped and regrown in the same update never left, so
             # only connections outside the old mask are new; otherwise everything not kept is.
@@ -173,12 +205,15 @@ class DSTUpdater(Static):
                 zero_state_(self.optimizer, layer.weight, restart)
             old.copy_(new)
             total_drop += n_drop
-        self.masks.mark_changed()
+        self.masks.mark_changed(grown=grown)
         self._counts_version = self.masks.version  # prune-and-grow keeps every layer's count
         self.num_updates += 1
         if self.skip_update:
             self.optimizer.skip_next_step()
-        self.last_update = {"t": self.t, "drop_fraction": fraction, "pruned_and_regrown": total_drop}
+        share = None
+        if previous is not None and int(grown_before) > 0:
+            share = int(grown_pruned) / int(grown_before)
+        self.last_update = {"t": self.t, "drop_fraction": fraction, "pruned_and_regrown": total_drop, "grown_pruned": share}
 
     def config(self) -> dict[str, Any]:
         return {
@@ -189,6 +224,7 @@ class DSTUpdater(Static):
             "keep_regrown": self.keep_regrown,
             "reset_optimizer_state": self.reset_optimizer_state,
             "skip_update": self.skip_update,
+            "prune_score": self.prune_score if isinstance(self.prune_score, str) else repr(self.prune_score),
         }
 
 

@@ -68,7 +68,8 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
     )
     optimizer = SparseOpt(
         optimizer, masks, precondition=cfg.optimizer == "sparseopt", layers=cfg.precondition_layers,
-        max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay,
+        max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay, scale_source=cfg.scale_source,
+        scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
     )
     if cfg.dst == "static":
         topology: Static = Static(masks, optimizer)
@@ -76,7 +77,7 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
         common = dict(
             delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
             total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
-            skip_update=cfg.skip_update,
+            skip_update=cfg.skip_update, prune_score=cfg.prune_score,
         )
         if cfg.dst == "set":
             topology = SET(masks, optimizer, seed=cfg.seed, **common)

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from ..masks.distributions import DISTRIBUTIONS
+from ..optim.sparseopt import SCALE_SOURCES
+from ..topology.scores import PRUNE_SCORES
 
 DST_METHODS = ("dense", "static", "set", "rigl")
 OPTIMIZERS = ("sgd", "sparseopt")
@@ -27,103 +29,144 @@ OPTIMIZERS = ("sgd", "sparseopt")
 class TrainConfig:
     # -- data ------------------------------------------------------------------
     dataset: str = "bundled_mnist"
-    """mnist, fashion_mnist, cifar10, cifar100, imagenet, or bundled_mnist (shipped subset)"""
+    """dataset (bundled_mnist: the real-MNIST subset shipped with the package)"""
     data_dir: str | None = None
+    """folder holding the dataset (CIFAR archive or folder, MNIST IDX files, ImageNet train/ and val/)"""
     download: bool = False
+    """download the dataset into data_dir first (CIFAR, MNIST; checked against the official MD5)"""
     train_subset: int | None = None
     """use a fixed random subset of N training examples (quick runs)"""
     test_subset: int | None = None
+    """evaluate on a fixed random subset of N test examples"""
     workers: int = 8
     """decoding workers (ImageNet only; CIFAR/MNIST live on the device)"""
     # -- model -------------------------------------------------------------------
     model: str = "mlp"
-    """resnet20, resnet32, resnet56, resnet50, mlp"""
+    """model (CIFAR ResNets 20/32/56, ImageNet ResNet-50 v1.5, or the MLP)"""
     shortcut: str = "B"
     """CIFAR ResNet shortcut: B = 1x1 conv + BN projection, A = parameter-free"""
     mlp_hidden: list[int] = field(default_factory=lambda: [64])
+    """hidden widths of the MLP"""
     mlp_norm: str = "batchnorm"
+    """normalization after each hidden layer of the MLP"""
     # -- sparsity and DST ----------------------------------------------------------
     dst: str = "rigl"
-    """dense, static, set, rigl"""
+    """dynamic sparse training method (dense: no masks; static: masks never change)"""
     sparsity: float = 0.9
+    """global sparsity S in [0, 1) over all masked weights"""
     distribution: str = "erk"
+    """layer densities (erk as RigL)"""
     power_scale: float = 1.0
+    """ERK exponent (1 as RigL)"""
     dense_first: bool = False
+    """keep the first conv/linear layer dense"""
     dense_last: bool = False
+    """keep the last linear layer dense"""
     init: str = "dense"
     """dense (init then mask) or sparse (Evci et al. 2022 per-neuron fan-in)"""
     delta_t: int = 100
+    """steps between topology updates"""
     delta_t_batch: int | None = None
     """batch size at which delta_t is given; delta_t is rescaled by delta_t_batch / batch_size (ImageNet recipe)"""
     alpha: float = 0.3
+    """initial drop fraction of the cosine schedule"""
     t_end_fraction: float = 0.75
+    """topology updates stop after this fraction of the training steps"""
     growth_grad: str = "original"
     """RigL growth from the original (raw) or the SparseOpt-corrected gradient"""
     keep_regrown: bool = True
+    """a connection dropped and regrown in the same update keeps its value and optimizer state"""
     reset_optimizer_state: bool = True
+    """new connections start with zeroed optimizer moments"""
     skip_update: bool = True
+    """skip the weight update of the step that changes the topology (reference RigL)"""
+    prune_score: str = "magnitude"
+    """which active connections are dropped: magnitude (|w|), scaled (|w| / c_i), normalized (|w| / neuron RMS)"""
     # -- optimizer -------------------------------------------------------------------
     optimizer: str = "sparseopt"
-    """sgd (masked DST baseline) or sparseopt (preconditioned)"""
-    precondition_layers: str = "all"
-    """all or normalized (only layers feeding a BN/LN/GN)"""
+    """sgd: masked DST baseline; sparseopt: preconditioned"""
+    precondition_layers: str = "normalized"
+    """normalized (only layers feeding a BN/LN/GN) or all"""
     scale_weight_decay: bool = False
+    """scale weight decay with the gradient (an L2 term in the loss) instead of adding it after the scaling"""
+    scale_source: str = "fan_in"
+    """SparseOpt's c_i from the fan-in (the paper) or from the following BatchNorm's running variance (bn_stats)"""
+    scale_ema: float = 0.0
+    """exponential moving average of c_i over steps (0: c_i jumps at each mask update, as the paper)"""
+    undamped_growth: bool = False
+    """connections grown at the last update get max(c_i, 1) instead of c_i"""
     renorm: float | None = None
     """clip the global gradient norm to this value after the correction (appendix F)"""
     ham: bool = False
+    """wrap the optimizer in Hyperbolic Aware Minimization"""
     ham_alpha: float = 200.0
+    """HAM alpha"""
     ham_beta: float = 1e-3
+    """HAM beta (1e-3 ImageNet; 16e-3 CIFAR-100, reported, unverified)"""
     lr: float = 0.1
+    """peak learning rate (base lr when lr_batch_scaling)"""
     lr_batch_scaling: bool = False
     """peak lr = lr * batch_size / 256 (ImageNet recipe)"""
     lr_min: float = 0.0
+    """final learning rate of the cosine schedule"""
     warmup_epochs: float = 5.0
+    """linear warmup length in epochs (fractions allowed)"""
     momentum: float = 0.9
+    """SGD momentum"""
     nesterov: bool = False
+    """Nesterov momentum"""
     weight_decay: float = 5e-4
+    """weight decay of conv/linear weights (not biases and norm parameters)"""
     label_smoothing: float = 0.0
+    """label smoothing of the cross-entropy loss"""
     epochs: int = 100
+    """training epochs"""
     batch_size: int = 128
     """global batch size (split over ranks in distributed runs)"""
     eval_batch_size: int = 1000
+    """batch size of evaluation"""
     # -- runtime ---------------------------------------------------------------------
     seed: int = 0
+    """seed of masks, initialisation, data order and augmentation"""
     device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:<index>"""
     bf16: bool = False
+    """bfloat16 autocast (GPU speed option; ignored on CPU)"""
     channels_last: bool = False
+    """channels-last memory format (GPU speed option; ignored on CPU)"""
     compile: bool = False
+    """torch.compile the model (GPU speed option; ignored on CPU)"""
     cudnn_benchmark: bool = True
+    """let cuDNN pick the fastest convolution algorithms"""
     sync_bn: bool = False
+    """SyncBatchNorm across ranks in distributed runs (CUDA only)"""
     check_masks: bool = False
+    """check after every topology update that the masks agree across ranks"""
+    monitor: bool = True
+    """log neuron statistics per epoch and the loss around every topology update in metrics.jsonl"""
     out: str | None = None
+    """run folder (default runs/<run name>)"""
     resume: bool = False
+    """continue the run in --out from its checkpoint"""
     overwrite: bool = False
+    """replace the run in --out (only a sparseopt run folder is ever cleared)"""
     quiet: bool = False
+    """no progress bar (the one-line epoch summaries stay)"""
     tensorboard: bool = False
+    """also log to TensorBoard (needs the tensorboard package)"""
     wandb: bool = False
+    """also log to Weights & Biases (needs the wandb package)"""
     compare_optimizers: bool = False
     """train twice (optimizer=sgd and sparseopt, same seed) and write a comparison"""
 
     # -- validation ------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the bad value and what is allowed; nothing is written before this."""
-        from ..data import DATASETS
-        from ..models import MODELS
-
-        def choice(name, allowed):
+        for name, allowed in field_choices().items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-
-        choice("dataset", DATASETS)
-        choice("model", MODELS)
-        choice("dst", DST_METHODS)
-        choice("optimizer", OPTIMIZERS)
-        choice("distribution", [d for d in DISTRIBUTIONS if d != "custom"])
-        choice("init", ("dense", "sparse"))
-        choice("growth_grad", ("original", "corrected"))
-        choice("precondition_layers", ("all", "normalized"))
-        choice("shortcut", ("A", "B"))
-        choice("mlp_norm", ("none", "batchnorm", "layernorm"))
+        if not 0.0 <= self.scale_ema < 1.0:
+            raise ValueError(f"scale_ema must be in [0, 1), got {self.scale_ema!r}")
         if not (0.0 <= self.sparsity < 1.0):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "delta_t"):
@@ -145,6 +188,15 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.renorm is not None and not self.renorm > 0:
             raise ValueError(f"renorm must be > 0 or none, got {self.renorm!r}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"device must be auto, cpu, cuda or cuda:<index> (any torch device), got {self.device!r}") from None
+        if self.delta_t_batch is not None and self.delta_t_batch < 1:
+            raise ValueError(f"delta_t_batch must be >= 1 or none (the batch size delta_t is given for), got {self.delta_t_batch!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.dst == "dense" and self.optimizer == "sparseopt":
@@ -163,6 +215,36 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def field_choices() -> dict[str, list[str]]:
+    """The allowed values of every config key that takes one of a fixed set (validation and ``--help``)."""
+    from ..data import DATASETS
+    from ..models import MODELS
+
+    return {
+        "dataset": list(DATASETS), "model": list(MODELS), "dst": list(DST_METHODS), "optimizer": list(OPTIMIZERS),
+        "distribution": [d for d in DISTRIBUTIONS if d != "custom"], "init": ["dense", "sparse"],
+        "growth_grad": ["original", "corrected"], "precondition_layers": ["normalized", "all"],
+        "prune_score": list(PRUNE_SCORES), "scale_source": list(SCALE_SOURCES), "shortcut": ["A", "B"],
+        "mlp_norm": ["none", "batchnorm", "layernorm"],
+    }
+
+
+def field_docs() -> dict[str, str]:
+    """Each config key's docstring (the string literal under its field), for ``--help``."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
 def _field_type(name: str):
@@ -212,8 +294,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} not found")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
     return data

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -74,6 +75,19 @@ def check_masks_consistent(masks, env: DistEnv, step: int) -> None:
         )
 
 
-def cleanup(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(env: DistEnv, meet: bool = True) -> None:
+    """Leave the process group so that no rank tears it down while a peer still uses it.
+
+    With ``meet`` (a run that ended normally on every rank) the ranks first meet
+    at a barrier: rank 0 may still be writing its results. Objects that hold the
+    group (the DDP wrapper and its reducer) must be released by the caller first:
+    the garbage collection here then lets ``destroy_process_group`` join gloo's
+    worker threads now, not during interpreter shutdown, where rank 1 aborted
+    with "terminate called without an active exception".
+    """
+    if not (env.enabled and dist.is_initialized()):
+        return
+    if meet:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()

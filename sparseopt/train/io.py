@@ -46,10 +46,17 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, default=str) + "\n").encode()))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run folder's ``metrics.jsonl`` (empty when there is none yet)."""
+def read_metrics(run_dir: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    """Records of a run folder's ``metrics.jsonl`` (empty when there is none yet).
+
+    ``event=None``: the per-epoch records; ``event="update"``: the per-topology-update
+    records (lines with ``"event": "update"``).
+    """
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if r.get("event") == event]
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -1,4 +1,4 @@
-"""A per-epoch progress bar (tqdm when installed and writing to a terminal; silent otherwise)."""
+"""A progress bar (tqdm when installed and writing to a terminal; silent otherwise): training epochs and long analyses."""
 
 from __future__ import annotations
 
@@ -17,11 +17,17 @@ class Progress:
                 pass
         self.last = 0
 
-    def update(self, done: int, *, loss: float, acc: float, ips: float) -> None:
+    def update(self, done: int, *, loss: float | None = None, acc: float | None = None, ips: float | None = None) -> None:
         if self.bar is not None:
             self.bar.update(done - self.last)
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}%", img_s=f"{ips:.0f}", refresh=False)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}%", img_s=f"{ips:.0f}", refresh=False)
         self.last = done
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None and self.bar.total != total:
+            self.bar.total = total
+            self.bar.refresh()
 
     def __enter__(self):
         return self

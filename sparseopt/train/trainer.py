@@ -3,10 +3,15 @@
 Run folder::
 
     config.yaml      resolved configuration (every key)
-    env.json         versions, device, seed, git revision, notes
-    metrics.jsonl    one JSON line per epoch
+    env.json         versions, device, seed, git revision, notes, every invocation (argv, time, host)
+    metrics.jsonl    one JSON line per epoch, and one per topology update ("event": "update")
     checkpoint.pt    latest epoch, written atomically (model, masks, optimizer, topology, schedule)
-    results.json     final status and numbers (status: completed / diverged)
+    results.json     final status and numbers (status: completed / diverged / interrupted)
+    .lock            held by the running process (one run per folder at a time)
+
+SIGTERM (how SLURM pre-empts a job) and Ctrl-C end a run cleanly: the last
+epoch's checkpoint is kept, ``results.json`` says ``interrupted`` and the log
+names the command that resumes it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ import yaml
 from torch import nn
 
 from ..data import DATASETS, DeviceLoader, download_dataset, imagenet_loader, load_tensors, subset
+from ..monitor import UpdateProbe, loss_on_batch, neuron_stats
 from .build import build_run, effective_delta_t, make_model
 from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_sum, check_masks_consistent, cleanup, init_distributed
@@ -36,15 +43,24 @@ from .io import (
     write_json,
 )
 from .progress import Progress
+from .run_folder import RunLock, clear_run_folder, has_run_content, is_under_a_file
 from .schedule import peak_lr, warmup_cosine_scheduler
 
 # Keys that may change between a run and its resume; every other key must match the checkpoint.
 RESUMABLE_KEYS = {"out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download",
-                  "compile", "device", "eval_batch_size", "check_masks", "compare_optimizers"}
+                  "compile", "device", "eval_batch_size", "check_masks", "compare_optimizers", "monitor"}
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM / SIGINT during training; ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -71,15 +87,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare_out_dir(cfg: TrainConfig) -> Path:
+def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """The run folder and whether to resume from its checkpoint; refuses what would mix or lose results.
+
+    Nothing is written here: the folder is created, locked and (``--overwrite``) cleared in ``write_header``.
+    """
     out = Path(cfg.out if cfg.out else Path("runs") / run_name(cfg))
-    has_content = out.exists() and any(out.iterdir())
+    blocker = is_under_a_file(out)
+    if blocker is not None:
+        raise ValueError(f"--out {out}: {blocker} is a file, not a folder")
     if cfg.resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise ValueError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}")
-    elif has_content and not cfg.overwrite:
+        if (out / "checkpoint.pt").is_file():
+            return out, True
+        if (out / "config.yaml").is_file():  # killed before its first checkpoint: nothing to resume, start again
+            return out, False
+        raise ValueError(f"--resume: no checkpoint at {out / 'checkpoint.pt'} and no run started there; "
+                         f"start it without --resume")
+    if has_run_content(out) and not cfg.overwrite:
         raise FileExistsError(f"output folder {out} already exists: pass --resume to continue it or --overwrite to replace it")
-    return out
+    return out, False
 
 
 def check_optional_loggers(cfg: TrainConfig) -> None:
@@ -143,17 +169,22 @@ def evaluate(model: nn.Module, loader, env: DistEnv, autocast) -> dict[str, floa
 class Trainer:
     """Builds everything from a config and runs it; ``run()`` returns the results dict."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, argv: list[str] | None = None):
         self.cfg = cfg.validate()
+        self.argv = list(argv) if argv is not None else list(sys.argv)  # recorded in env.json
         self.device = resolve_device(cfg.device)
         check_optional_loggers(cfg)
-        self.out = prepare_out_dir(cfg)
+        self.out, self.resuming = prepare_out_dir(cfg)
+        self.lock: RunLock | None = None
+        self.elapsed_before = 0.0  # training seconds of earlier invocations (resume)
         self.env = init_distributed(self.device.type)
         if self.env.enabled and cfg.batch_size % self.env.world_size:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {self.env.world_size}")
         if self.device.type == "cuda" and self.env.enabled:
             self.device = torch.device("cuda", self.env.local_rank)
         self.notes: list[str] = []
+        if cfg.resume and not self.resuming:
+            self.notes.append(f"--resume: {self.out} holds a run that stopped before its first checkpoint: starting it from scratch")
         if self.device.type != "cuda":
             for flag in ("bf16", "channels_last", "compile"):
                 if getattr(cfg, flag):
@@ -205,8 +236,27 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.epoch = 0
         self.step = 0
-        if cfg.resume:
+        monitored = cfg.monitor and self.topology is not None and self.topology.dynamic
+        self.probe = UpdateProbe(window=max(1, min(10, effective_delta_t(cfg) // 2))) if monitored else None
+        self.check_schedule(warmup)
+        if self.resuming:
             self.load(self.out / "checkpoint.pt")
+
+    def planned_updates(self) -> int:
+        """Topology updates the schedule will make: steps ``t`` in ``(0, t_end)`` divisible by ``delta_t``."""
+        if self.topology is None or not self.topology.dynamic:
+            return 0
+        return (self.topology.t_end - 1) // self.topology.delta_t
+
+    def check_schedule(self, warmup_steps: int) -> None:
+        """Warn loudly about schedules that silently mean nothing (too short a run for its warmup or its delta_t)."""
+        if warmup_steps >= self.total_steps:
+            self.notes.append(f"WARNING: warmup ({warmup_steps} steps) is at least as long as the run ({self.total_steps} "
+                              "steps): the learning rate never reaches its peak; lower --warmup-epochs or raise --epochs")
+        if self.topology is not None and self.topology.dynamic and self.planned_updates() == 0:
+            self.notes.append(f"WARNING: {self.cfg.dst} never updates the topology: delta_t = {self.topology.delta_t} steps "
+                              f"but updates stop at step t_end = {self.topology.t_end} ({self.total_steps} steps in all); "
+                              "lower --delta-t (or --delta-t-batch), or raise --epochs")
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -221,15 +271,22 @@ class Trainer:
             "topology": self.topology.state_dict() if self.topology is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "seconds": self.elapsed(),
         }
+
+    def elapsed(self) -> float:
+        """Training seconds over every invocation of this run."""
+        start = getattr(self, "_session_start", None)
+        return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
         if state.get("format") != "sparseopt-checkpoint-v1":
             raise ValueError(f"{path} is not a sparseopt training checkpoint")
         saved, now = state["config"], self.cfg.to_dict()
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
-                 if k not in RESUMABLE_KEYS and k not in ("bf16", "channels_last") and saved.get(k) != now[k]]
+        defaults = TrainConfig().to_dict()  # a key newer than the checkpoint ran at its default
+        diffs = [f"{k}: checkpoint {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
+                 if k not in RESUMABLE_KEYS and k not in ("bf16", "channels_last") and saved.get(k, defaults[k]) != now[k]]
         if diffs:
             raise ValueError(f"checkpoint {path} is from another configuration; differing keys: " + "; ".join(diffs))
         try:
@@ -244,6 +301,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.elapsed_before = float(state.get("seconds", 0.0))
         self.log(f"resumed from {path} at epoch {self.epoch} (step {self.step})")
 
     # -- one epoch ----------------------------------------------------------------------------
@@ -260,8 +318,13 @@ class Trainer:
                 loss = self.criterion(out.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if self.topology is not None and self.topology.step() and cfg.check_masks:
+            updated = self.topology is not None and self.topology.step()
+            if updated and cfg.check_masks:
                 check_masks_consistent(self.masks, self.env, self.step)
+            if self.probe is not None:
+                self.probe.record(loss)
+                if updated:
+                    self.probe_update(x, y)
             if self.masks is None and cfg.renorm is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.renorm)
             opt.step()
@@ -274,11 +337,11 @@ class Trainer:
             if (i + 1) % 10 == 0 or i + 1 == self.steps_per_epoch:
                 loss_sum, correct, n = sums.tolist()
                 if not math.isfinite(loss_sum):
-                    raise NonFiniteLoss(
-                        f"non-finite training loss at epoch {self.epoch + 1}, step {self.step}: stopping. "
-                        f"The last good checkpoint (epoch {self.epoch}) is kept in {self.out}; "
-                        "try a lower --lr or --renorm 1.0"
-                    )
+                    kept = (f"the last good checkpoint (epoch {self.epoch}) is kept in {self.out}" if self.epoch > 0
+                            else "no epoch had finished, so there is no checkpoint to resume from")
+                    raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch + 1}, step {self.step}: stopping; "
+                                        f"{kept}. Try a lower --lr or --renorm 1.0")
+                self.check_stop()
                 elapsed = time.perf_counter() - start
                 progress.update(i + 1, loss=loss_sum / n, acc=100 * correct / n, ips=n * self.env.world_size / elapsed)
         seconds = time.perf_counter() - start
@@ -287,27 +350,84 @@ class Trainer:
         return {"train_loss": loss_sum / n, "train_acc": 100 * correct / n, "epoch_seconds": seconds,
                 "images_per_s": n / seconds}
 
+    # -- stopping on a signal ------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log(f"\n{signal.Signals(signum).name} received: stopping after this step (again to stop at once)")
+
+    def check_stop(self) -> None:
+        """Raise :class:`Interrupted` when a signal asked to stop; ranks agree on the step (checked every 10 steps)."""
+        signum = self._stop_signal
+        if self.env.enabled:
+            flag = torch.tensor([float(signum)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.step}", signum)
+
+    def resume_hint(self) -> str:
+        if self.epoch == 0:
+            return "no epoch had finished, so there is no checkpoint: add --resume to the same command to start it again"
+        return (f"the checkpoint of epoch {self.epoch} is kept; resume with: "
+                f"sparseopt train --config {self.out / 'config.yaml'} --resume")
+
+    def probe_update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Open the monitoring record of the topology update that just happened on batch ``(x, y)``."""
+        info = {"event": "update", "epoch": self.epoch + 1, "step": self.step, **(self.topology.last_update or {})}
+        info.pop("t", None)
+        stats = neuron_stats(self.masks, self.optimizer.layer_scales())
+        info.update({k: v for k, v in stats.items() if not k.startswith("neurons/dead/")})
+        self.probe.begin(info, loss_on_batch(self.model, self.criterion, x, y, self.autocast))
+
+    def monitor_epoch(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(this epoch's update records, the epoch's neuron statistics and update summary)."""
+        stats = neuron_stats(self.masks, self.optimizer.layer_scales())
+        if self.probe is None:
+            return [], stats
+        updates = self.probe.flush()
+        for key in ("grown_pruned", "loss_before", "loss_after", "loss_window_before", "loss_window_after"):
+            values = [u[key] for u in updates if u.get(key) is not None]
+            if values:
+                stats[f"update/{key}"] = sum(values) / len(values)
+        return updates, stats
+
     # -- the run ------------------------------------------------------------------------------------
     def write_header(self) -> None:
+        """Create and lock the run folder, clear a replaced run (``--overwrite``), write config and environment."""
         cfg = self.cfg
         if self.env.is_main:
-            if cfg.overwrite and self.out.exists():
-                shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            env = environment(self.device, cfg.seed, self.env.world_size)
-            env["notes"] = self.notes
-            env["steps_per_epoch"] = self.steps_per_epoch
-            env["total_steps"] = self.total_steps
-            env["peak_lr"] = self.peak_lr
-            if self.topology is not None:
-                env["topology"] = self.topology.config()
-                env["delta_t_effective"] = effective_delta_t(cfg)
+            self.lock = RunLock(self.out).acquire()  # before anything in the folder is touched
+            if not self.resuming:
+                clear_run_folder(self.out)  # a previous run's files (--overwrite or a run killed before its checkpoint)
+            atomic_write(self.out / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
+            invocation = {"argv": self.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from_epoch": self.epoch}
+            previous = self.out / "env.json"
+            if self.resuming and previous.is_file():  # keep the original record, add this invocation
+                env = json.loads(previous.read_text())
+                env.setdefault("invocations", []).append({**environment(self.device, cfg.seed, self.env.world_size),
+                                                          **invocation})
+            else:
+                env = environment(self.device, cfg.seed, self.env.world_size)
+                env["invocations"] = [invocation]
+                env["notes"] = self.notes
+                env["steps_per_epoch"] = self.steps_per_epoch
+                env["total_steps"] = self.total_steps
+                env["peak_lr"] = self.peak_lr
+                if self.topology is not None:
+                    env["topology"] = self.topology.config()
+                    env["delta_t_effective"] = effective_delta_t(cfg)
+                    env["topology_updates_planned"] = self.planned_updates()
             write_json(self.out / "env.json", env)
         if self.env.enabled:
             torch.distributed.barrier()
         for note in self.notes:
             self.log(f"note: {note}")
+        if self.topology is not None and self.topology.dynamic:
+            self.log(f"topology: {cfg.dst} every {self.topology.delta_t} steps until step {self.topology.t_end} "
+                     f"of {self.total_steps}: {self.planned_updates()} updates planned")
 
     def truncate_metrics(self) -> None:
         """On resume, drop metric lines of epochs after the checkpoint (written after it, before a crash)."""
@@ -318,14 +438,31 @@ class Trainer:
         atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
 
     def run(self) -> dict[str, Any]:
+        self._stop_signal = 0
+        handlers = {}
+        if threading_main():
+            handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        ended_normally = False
+        try:
+            result = self._run()
+            ended_normally = True
+            return result
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            if self.lock is not None:
+                self.lock.release()
+            self.forward_model = None  # the DDP wrapper holds the process group: release it before leaving
+            cleanup(self.env, meet=ended_normally)
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         self.setup()
         self.write_header()
-        if cfg.resume and self.env.is_main:
+        if self.resuming and self.env.is_main:
             self.truncate_metrics()
         writers = self.open_loggers()
-        results: dict[str, Any] = {"status": "running"}
-        total_start = time.perf_counter()
+        self._session_start = time.perf_counter()
         metrics = None
         try:
             if self.epoch == 0 and self.masks is not None:
@@ -339,39 +476,56 @@ class Trainer:
                 metrics.update(evaluate(self.forward_model, self.test_loader, self.env, self.autocast))
                 self.epoch += 1
                 metrics = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"], **metrics}
+                updates = []
                 if self.masks is not None:
                     metrics.update(self.masks.stats())
                     metrics["topology_updates"] = self.topology.num_updates
+                    if cfg.monitor:
+                        updates, stats = self.monitor_epoch()
+                        metrics.update(stats)
                 if self.env.is_main:
                     # Metrics first: a crash before the checkpoint re-runs this epoch on resume,
-                    # and truncate_metrics() drops the orphaned line.
+                    # and truncate_metrics() drops the orphaned lines.
                     with open(self.out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                        f.write("".join(json.dumps(u) + "\n" for u in updates) + json.dumps(metrics) + "\n")
                     save_checkpoint(self.out / "checkpoint.pt", self.state())
                     for w in writers:
                         w(metrics)
                 self.log(self.summary_line(metrics))
                 if self.epoch == 1 and self.masks is not None:
                     self.log(f"preconditioned layers: {self.optimizer.preconditioned_layers or 'none (baseline)'}")
+                if self._stop_signal:  # a signal during evaluation or checkpointing: the epoch is complete
+                    self.check_stop()
             if metrics is None:  # resumed from the last epoch's checkpoint: nothing left to train
                 metrics = (self.history() or [{"epoch": self.epoch}])[-1]
-            results = self.results(metrics, "completed", time.perf_counter() - total_start)
+            results = self.results(metrics, "completed")
         except NonFiniteLoss as e:
-            results = {"status": "diverged", "error": str(e), "epochs_completed": self.epoch, "method": cfg.method()}
-            if self.env.is_main:
-                write_json(self.out / "results.json", results)
+            self.write_results({"status": "diverged", "error": str(e), "epochs_completed": self.epoch,
+                                "method": cfg.method(), "seconds": self.elapsed()})
             raise
-        finally:
-            cleanup(self.env)
+        except Interrupted as e:
+            self.write_results({"status": "interrupted", "error": str(e), "epochs_completed": self.epoch,
+                                "method": cfg.method(), "seconds": self.elapsed(), "resume": self.resume_hint()})
+            self.log(f"{e}; {self.resume_hint()}")
+            raise
+        self.write_results(results)
+        self.log(f"done: test acc {results['final'].get('test_acc', float('nan')):.2f}% -> {self.out}")
+        return results
+
+    def write_results(self, results: dict[str, Any]) -> None:
         if self.env.is_main:
             write_json(self.out / "results.json", results)
-            self.log(f"done: test acc {results['final'].get('test_acc', float('nan')):.2f}% -> {self.out}")
-        return results
 
     def history(self) -> list[dict[str, Any]]:
         return read_metrics(self.out)
 
-    def results(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
+    def invocations(self) -> int:
+        try:
+            return len(json.loads((self.out / "env.json").read_text()).get("invocations", [])) or 1
+        except (OSError, ValueError):
+            return 1
+
+    def results(self, last: dict[str, Any], status: str) -> dict[str, Any]:
         history = (self.history() if self.env.is_main else []) or [last]
         keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "density", "itop")
         out = {
@@ -381,11 +535,13 @@ class Trainer:
             "epochs_completed": self.epoch,
             "final": {k: last[k] for k in keys if k in last},
             "best_test_acc": max((m["test_acc"] for m in history if "test_acc" in m), default=None),
-            "seconds": seconds,
+            "seconds": self.elapsed(),
+            "invocations": self.invocations(),
         }
         if self.masks is not None:
             out["preconditioned_layers"] = self.optimizer.preconditioned_layers
             out["topology_updates"] = self.topology.num_updates
+            out["topology_updates_planned"] = self.planned_updates()
         return out
 
     def summary_line(self, m: dict[str, Any]) -> str:
@@ -414,7 +570,16 @@ class Trainer:
         return writers
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train one run described by ``cfg``; returns the contents of ``results.json``."""
-    return Trainer(cfg).run()
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Train one run described by ``cfg``; returns the contents of ``results.json``.
+
+    ``argv``: the command line to record in ``env.json`` (default ``sys.argv``).
+    """
+    return Trainer(cfg, argv).run()
 

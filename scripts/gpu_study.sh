@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One seed-replicated GPU comparison, following ../shared/gpu/README.md: unpack the travelling CIFAR-10 copy,
+# run a sweep file with N runs at once on the one GPU, then write the report and every run's curves.
+#
+#   scripts/gpu_study.sh SWEEP_FILE OUT_DIR [RUNS_PER_GPU] [DEADLINE_S]
+#
+# Needs .gpudata/{cifar10-jpeg.npz,unpack_cifar10.py} (copied from ../shared/gpu, git-ignored, carried).
+# DEADLINE_S (default 520) bounds the sweep: runs still going then are stopped cleanly (status
+# "interrupted", last epoch's checkpoint kept) and the report lists them as not completed.
+# OUT_DIR gets: report.md, report.json, summary.csv, curves.jsonl, neurons.png, curves.png, env.txt, sweep.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SWEEP=${1:?sweep file}; OUT=${2:?output folder}; PER_GPU=${3:-8}; DEADLINE=${4:-520}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+W=$(mktemp -d)
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nproc
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+SECONDS=0
+python3 .gpudata/unpack_cifar10.py .gpudata/cifar10-jpeg.npz "$W" || exit 1
+echo "data unpacked in ${SECONDS}s"
+timeout --signal=TERM --kill-after=30 "$DEADLINE" \
+  python3 -m sparseopt sweep "$SWEEP" --set data_dir="$W" --gpus 0 --per-device "$PER_GPU" --out "$W/sweep" \
+  2>&1 | tee "$OUT/sweep.log"
+echo "sweep ended after ${SECONDS}s"
+for f in "$W"/sweep/.sweep/logs/*.log; do echo "== $(basename "$f")"; tail -n 2 "$f"; done >> "$OUT/sweep.log"
+python3 -m sparseopt report "$W/sweep" --out "$W/report" --curves "$OUT/curves.jsonl"
+for f in report.md report.json summary.csv neurons.png curves.png; do
+  [ -f "$W/report/$f" ] && cp "$W/report/$f" "$OUT/$f"
+done
+echo "done after ${SECONDS}s"

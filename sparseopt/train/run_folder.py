@@ -1,0 +1,116 @@
+"""Run folders: what belongs to one, replacing one safely, and the lock that keeps one run per folder.
+
+A run folder holds only the files ``sparseopt train`` writes (:data:`RUN_ENTRIES`).
+``--overwrite`` removes exactly those and refuses a folder holding anything
+else, so pointing ``--out`` at a folder of documents cannot delete them. A run
+holds an exclusive lock (``flock`` on ``.lock``) on its folder for its whole
+life: a second run or resume into the same folder fails at once with the
+holder's pid, and the operating system drops the lock of a killed process,
+so a stale lock never blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+RUN_FILES = frozenset({"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "results.json", LOCK_NAME,
+                       "comparison.md", "comparison.json", "comparison.png"})
+RUN_DIRS = frozenset({"tensorboard", "wandb"})
+COMPARE_DIRS = frozenset({"sgd", "sparseopt"})  # a --compare-optimizers folder holds two run folders
+
+
+def is_under_a_file(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists as a file (no folder can be made there), or None."""
+    for parent in [Path(path), *Path(path).parents]:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")  # an atomic write interrupted by a crash
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Entries of ``path`` that ``sparseopt train`` did not write (sorted); empty for a run folder."""
+    foreign = []
+    for entry in path.iterdir():
+        name = entry.name
+        if name in RUN_FILES and entry.is_file() or name in RUN_DIRS and entry.is_dir() or _is_temporary(name):
+            continue
+        if name in COMPARE_DIRS and entry.is_dir() and not foreign_entries(entry):
+            continue
+        foreign.append(name + ("/" if entry.is_dir() else ""))
+    return sorted(foreign)
+
+
+def has_run_content(path: Path) -> bool:
+    """Whether ``path`` holds anything but a lock file and interrupted temporary writes."""
+    return path.is_dir() and any(e.name != LOCK_NAME and not _is_temporary(e.name) for e in path.iterdir())
+
+
+def clear_run_folder(path: Path) -> None:
+    """Remove a previous run's files from ``path`` (``--overwrite``), or refuse if it holds anything else."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder")
+    foreign = foreign_entries(path)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise ValueError(
+            f"--overwrite refuses to clear {path}: it is not a sparseopt run folder (it holds {shown}). "
+            "Choose another --out, or remove the folder yourself"
+        )
+    for entry in path.iterdir():
+        if entry.name == LOCK_NAME:
+            continue  # held by this run
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+class RunLock:
+    """Exclusive, process-lifetime lock on a run folder (POSIX ``flock``; a no-op where it is unavailable)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"run folder {self.path.parent} is in use by another sparseopt run ({self.holder()}); "
+                             "wait for it to finish, stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text())
+            return f"pid {info['pid']} on {info['host']} since {info['since']}"
+        except (OSError, ValueError, KeyError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        # The file stays: unlinking a lock file races with a process that opened it just before.
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None

@@ -1,0 +1,224 @@
+"""The CLI never loses a user's data and never surprises them (issue 11): overwrite, locks, signals,
+resume bookkeeping, one-line errors, flags, schedules, the README snippet."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sparseopt.cli.main import main
+from sparseopt.train import trainer as trainer_mod
+from sparseopt.train.run_folder import RunLock
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--epochs", "1", "--quiet", "--no-compare-optimizers", "--train-subset", "512"]
+
+
+def results(out):
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("keep me")
+    assert main(["train", *QUICK, "--out", str(docs), "--overwrite"]) == 2
+    assert "refuses to clear" in capsys.readouterr().err
+    assert (docs / "notes.txt").read_text() == "keep me" and sorted(p.name for p in docs.iterdir()) == [".lock", "notes.txt"]
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--out", str(run)]) == 0
+    first = results(run)["seconds"]
+    assert main(["train", *QUICK, "--out", str(run), "--overwrite", "--seed", "1"]) == 0  # its own run folder: replaced
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1 and results(run)["seconds"] != first
+
+
+def test_a_locked_folder_refuses_a_second_run_and_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--out", str(run)]) == 0
+    lock = RunLock(run).acquire()  # another process holds the folder
+    try:
+        for extra in (["--resume"], ["--overwrite"]):
+            assert main(["train", *QUICK, "--out", str(run), *extra]) == 2
+            assert f"run folder {run} is in use by another sparseopt run (pid {os.getpid()}" in capsys.readouterr().err
+    finally:
+        lock.release()
+    assert results(run)["status"] == "completed"  # untouched
+
+
+def _start(out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "sparseopt", "train", "--epochs", "30", "--quiet",
+                             "--no-compare-optimizers", "--out", str(out), *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path, timeout=120):
+    start = time.time()
+    while not path.exists():
+        assert time.time() - start < timeout, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_cleanly_with_status_and_resume_hint(tmp_path, signum):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for(out / "checkpoint.pt")  # at least one epoch done
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, output
+    assert "Traceback" not in output
+    res = results(out)
+    assert res["status"] == "interrupted" and res["epochs_completed"] >= 1
+    assert f"resume with: sparseopt train --config {out / 'config.yaml'} --resume" in output
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == res["epochs_completed"]  # the last complete epoch is kept
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines if "event" not in m] == list(range(1, ckpt["epoch"] + 1))
+
+
+def test_resume_keeps_invocation_history_and_accumulates_time(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "2", "--quiet", "--no-compare-optimizers", "--train-subset", "512", "--out", str(out)]
+    real_save = trainer_mod.save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    first = torch.load(out / "checkpoint.pt", weights_only=True)["seconds"]
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume"]) == 0  # already finished: nothing to train, bookkeeping kept
+    env = json.loads((out / "env.json").read_text())
+    assert [i["resumed_from_epoch"] for i in env["invocations"]] == [0, 1, 2]
+    assert "--resume" not in env["invocations"][0]["argv"] and env["invocations"][1]["argv"][-1] == "--resume"
+    res = results(out)
+    assert res["seconds"] > first > 0 and res["invocations"] == 3
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = ["train", *QUICK, "--out", str(out)]
+
+    def killed(self, progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.undo()
+    assert (out / "config.yaml").is_file() and not (out / "checkpoint.pt").exists()
+    assert main(args) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "stopped before its first checkpoint: starting it from scratch" in capsys.readouterr().out
+    assert results(out)["status"] == "completed"
+    assert main(["train", *QUICK, "--out", str(tmp_path / "never"), "--resume"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_divergence_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path, monkeypatch, capsys):
+    real_setup = trainer_mod.Trainer.setup
+
+    def setup(self):
+        real_setup(self)
+        self.criterion = lambda out, y: out.sum() * float("nan")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "setup", setup)
+    assert main(["train", *QUICK, "--out", str(tmp_path / "nan")]) == 1
+    err = capsys.readouterr().err
+    assert "no epoch had finished, so there is no checkpoint to resume from" in err and "(epoch 0)" not in err
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda t: ["--out", "/proc/sparseopt-run"], "/proc/sparseopt-run"),  # a location nothing can be created in
+    (lambda t: ["--out", str(t / "file" / "run")], "is a file, not a folder"),
+    (lambda t: ["--config", str(t / "bad.yaml")], "is not valid YAML"),
+    (lambda t: ["--device", "cuda:abc"], "device must be auto, cpu, cuda or cuda:<index>"),
+    (lambda t: ["--delta-t-batch", "0"], "delta_t_batch must be >= 1 or none"),
+])
+def test_errors_are_one_line_with_exit_code_2_and_nothing_written(tmp_path, capsys, make_args, message):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "bad.yaml").write_text("sparsity: [0.9\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["train", *QUICK, *make_args(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_any_other_os_error_is_one_line(tmp_path, capsys, monkeypatch):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "config.yaml"))
+
+    monkeypatch.setattr(trainer_mod, "atomic_write", full)
+    assert main(["train", *QUICK, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: No space left on device: {tmp_path / 'run' / 'config.yaml'}\n"
+
+
+def test_analyses_check_the_output_before_computing(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    import sparseopt.analysis.skew as skew
+
+    monkeypatch.setattr(skew, "run_skew", lambda *a, **k: pytest.fail("computed before checking the output"))
+    assert main(["skew", "--out", str(tmp_path / "file" / "skew")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "file" / "r")]) == 2
+
+
+def test_abbreviated_flags_are_refused(tmp_path, capsys):
+    assert main(["train", "--sparsi", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown option(s) ['--sparsi', '0.5']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path), "--ou", str(tmp_path / "r")])
+
+
+def test_help_shows_docs_defaults_and_choices_and_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--sparsity FLOAT global sparsity S in [0, 1) over all masked weights (default: 0.9)" in text
+    assert "{sgd, sparseopt} (default: sparseopt)" in text
+    assert "--prune-score NAME" in text and "{magnitude, scaled, normalized}" in text
+    assert main(["--version"]) == 0
+    assert re.fullmatch(r"sparseopt \d+\.\d+\.\d+\n", capsys.readouterr().out)
+
+
+def test_schedules_that_mean_nothing_are_warned_and_counted(tmp_path, capsys):
+    out = tmp_path / "short"
+    # 4 steps of 128 in all, 5 warmup epochs, delta_t 100: no warmup end, no topology update
+    assert main(["train", "--epochs", "1", "--warmup-epochs", "5", "--train-subset", "512", "--quiet",
+                 "--no-compare-optimizers", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "WARNING: warmup (20 steps) is at least as long as the run (4 steps)" in printed
+    assert "WARNING: rigl never updates the topology: delta_t = 20 steps but updates stop at step t_end = 3" in printed
+    res = results(out)
+    assert res["topology_updates_planned"] == 0 and res["topology_updates"] == 0
+    ok = tmp_path / "ok"
+    assert main(["train", "--epochs", "2", "--train-subset", "1024", "--delta-t", "3", "--quiet",
+                 "--no-compare-optimizers", "--out", str(ok)]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+    res = results(ok)
+    assert res["topology_updates_planned"] == res["topology_updates"] == 3  # t = 3, 6, 9 < t_end = 12
+
+
+def test_readme_library_snippet_runs(tmp_path):
+    text = (REPO / "README.md").read_text()
+    snippet = re.search(r"## Library in one screen.*?```python\n(.*?)```", text, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = proc.stdout
+    assert "'density': 0.1" in stats and "itop" in stats
