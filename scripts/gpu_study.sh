@@ -8,6 +8,7 @@
 # DEADLINE_S (default 520) bounds the sweep: runs still going then are stopped cleanly (status
 # "interrupted", last epoch's checkpoint kept) and the report lists them as not completed.
 # OUT_DIR gets: report.md, report.json, summary.csv, curves.jsonl, neurons.png, curves.png, env.txt, sweep.log.
+# EXTRA_SET="epochs=1 train_subset=256" adds config overrides (a quick rehearsal on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SWEEP=${1:?sweep file}; OUT=${2:?output folder}; PER_GPU=${3:-8}; DEADLINE=${4:-520}
@@ -26,7 +27,7 @@ SECONDS=0
 python3 .gpudata/unpack_cifar10.py .gpudata/cifar10-jpeg.npz "$W" || exit 1
 echo "data unpacked in ${SECONDS}s"
 timeout --signal=TERM --kill-after=30 "$DEADLINE" \
-  python3 -m sparseopt sweep "$SWEEP" --set data_dir="$W" --gpus 0 --per-device "$PER_GPU" --out "$W/sweep" \
+  python3 -m sparseopt sweep "$SWEEP" --set data_dir="$W" ${EXTRA_SET:-} --gpus 0 --per-device "$PER_GPU" --out "$W/sweep" \
   2>&1 | tee "$OUT/sweep.log"
 echo "sweep ended after ${SECONDS}s"
 for f in "$W"/sweep/.sweep/logs/*.log; do echo "== $(basename "$f")"; tail -n 2 "$f"; done >> "$OUT/sweep.log"
@@ -34,4 +35,12 @@ python3 -m sparseopt report "$W/sweep" --out "$W/report" --curves "$OUT/curves.j
 for f in report.md report.json summary.csv neurons.png curves.png; do
   [ -f "$W/report/$f" ] && cp "$W/report/$f" "$OUT/$f"
 done
+# Step-time benchmarks (docs/benchmarks.md) when the sweep left time: BENCH_UNTIL=560 runs them only if
+# fewer than BENCH_UNTIL - 60 seconds have passed. Appended to sweep.log.
+if [ -n "${BENCH_UNTIL:-}" ] && [ "$SECONDS" -lt $((BENCH_UNTIL - 60)) ]; then
+  for model in resnet20 resnet50; do
+    timeout 45 python3 benchmarks/bench_step.py --model $model --batch 128 --bf16 --channels-last --repeats 20 \
+      --memory-steps 0 >> "$OUT/sweep.log" 2>&1
+  done
+fi
 echo "done after ${SECONDS}s"

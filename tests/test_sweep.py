@@ -44,6 +44,24 @@ def test_shipped_sweeps_expand():
         counts[path.stem] = len(expand(load_sweep(path), "/tmp/unused"))
     assert counts["cifar100_table2"] == 72 and counts["cifar100_table3_ham"] == 144 and counts["imagenet_table1"] == 36
     assert counts["cifar100_set"] == 72
+    assert counts["rigl98_cpu_proxy"] == 8 and counts["rigl98_cpu_hypotheses"] == 24
+    assert counts["gpu_rigl_cifar10"] == 13  # 4 pairs x 3 seeds + one paper run with its own seed list
+
+
+def test_variant_seeds_and_device_slots():
+    from sparseopt.sweep.runner import device_slots, threads_per_run
+
+    spec = load_sweep(REPO / "configs/sweeps/gpu_rigl_cifar10.yaml")
+    runs = expand(spec, "/tmp/unused")
+    paper = [r for r in runs if r.config.prune_score == "magnitude" and r.config.optimizer == "sparseopt"]
+    assert [r.config.seed for r in paper] == [0]
+    assert sorted({r.config.seed for r in runs}) == [0, 1, 2]
+    # N runs per GPU, GPUs round-robin; CPU threads shared out
+    assert device_slots(gpus=["0", "1"], per_device=3) == ["0", "1", "0", "1", "0", "1"]
+    assert device_slots(parallel=2) == [None, None]
+    assert threads_per_run(6, cpus=16) == 2 and threads_per_run(32, cpus=16) == 1
+    with pytest.raises(ValueError, match="per_device must be >= 1"):
+        device_slots(gpus=["0"], per_device=0)
 
 
 def test_bad_sweep_files(tmp_path):

@@ -11,6 +11,7 @@ A sweep file (YAML)::
     variants:                                 # optional: crossed with the grid
       - {optimizer: sgd}
       - {optimizer: sparseopt}
+      - {optimizer: sparseopt, prune_score: magnitude, seeds: [0]}   # a variant may have its own seeds
     seeds: [0, 1, 2]
     slurm: {gpus_per_node: 1, timeout_min: 720}   # submitit parameters (optional)
     nproc_per_run: 1                              # torchrun processes per run (optional)
@@ -75,7 +76,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds:
         raise ValueError(f"sweep file {path}: seeds must be a non-empty list")
-    for key in [*grid, *(k for v in variants for k in v), *(data.get("fixed") or {})]:
+    for v in variants:
+        if "seeds" in v and (not isinstance(v["seeds"], list) or not v["seeds"]):
+            raise ValueError(f"sweep file {path}: a variant's seeds must be a non-empty list, got {v['seeds']!r}")
+    for key in [*grid, *(k for v in variants for k in v if k != "seeds"), *(data.get("fixed") or {})]:
         if key not in FIELDS:
             raise ValueError(f"sweep file {path}: unknown config key {key!r}; valid keys: {', '.join(sorted(FIELDS))}")
     return SweepSpec(
@@ -92,7 +96,8 @@ def expand(spec: SweepSpec, out: str | Path, overrides: dict[str, Any] | None = 
     runs: list[PlannedRun] = []
     for values in itertools.product(*(spec.grid[k] for k in keys)):
         for variant in spec.variants:
-            for seed in spec.seeds:
+            variant = dict(variant)
+            for seed in [int(s) for s in variant.pop("seeds", spec.seeds)]:
                 swept = {**dict(zip(keys, values)), **variant}
                 cfg = make_config(spec.base_config, {**spec.fixed, **swept, **(overrides or {}), "seed": seed,
                                                      "compare_optimizers": False})
