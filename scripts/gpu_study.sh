@@ -39,7 +39,7 @@ done
 # fewer than BENCH_UNTIL - 60 seconds have passed. Appended to sweep.log.
 if [ -n "${BENCH_UNTIL:-}" ] && [ "$SECONDS" -lt $((BENCH_UNTIL - 60)) ]; then
   for model in resnet20 resnet50; do
-    timeout 45 python3 benchmarks/bench_step.py --model $model --batch 128 --bf16 --channels-last --repeats 20 \
+    timeout 30 python3 benchmarks/bench_step.py --model $model --batch 128 --bf16 --channels-last --repeats 20 \
       --memory-steps 0 >> "$OUT/sweep.log" 2>&1
   done
 fi

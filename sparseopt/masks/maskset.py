@@ -141,7 +141,10 @@ class MaskSet:
         self.grown: list[torch.Tensor] | None = None
         self.apply_()
 
+    @torch.no_grad()
     def _on_model_load(self, module, incompatible_keys) -> None:
+        # Whatever was loaded (a dense checkpoint with strict=False, say), masked weights are zero again.
+        module.weight.mul_(getattr(module, MASK_BUFFER))
         self.mark_changed(update_itop=False)
 
     # -- access -----------------------------------------------------------------
@@ -202,17 +205,34 @@ class MaskSet:
         if grown is not None:
             self.grown = grown
         if update_itop:
-            for explored, mask in zip(self._explored, self.masks):
+            for explored, mask in zip(self.explored, self.masks):
                 explored.logical_or_(mask)
+
+    @property
+    def explored(self) -> list[torch.Tensor]:
+        """ITOP's union of all masks seen, per layer, on the masks' current device (moved lazily after ``model.to``)."""
+        for i, mask in enumerate(self.masks):
+            if self._explored[i].device != mask.device:
+                self._explored[i] = self._explored[i].to(mask.device)
+        return self._explored
+
+    def grown_on_device(self) -> list[torch.Tensor] | None:
+        """:attr:`grown` on the masks' current device (None before the first topology update)."""
+        if self.grown is None:
+            return None
+        for i, mask in enumerate(self.masks):
+            if self.grown[i].device != mask.device:
+                self.grown[i] = self.grown[i].to(mask.device)
+        return self.grown
 
     # -- monitoring ---------------------------------------------------------------
     def itop_rates(self) -> dict[str, float]:
         """Per-layer ITOP rate: |union of masks seen| / weights of the layer."""
-        return {layer.name: int(e.sum()) / e.numel() for layer, e in zip(self.layers, self._explored)}
+        return {layer.name: int(e.sum()) / e.numel() for layer, e in zip(self.layers, self.explored)}
 
     def itop_rate(self) -> float:
         """Global ITOP rate: |union of all masks seen| / total sparsifiable weights."""
-        return sum(int(e.sum()) for e in self._explored) / self.total
+        return sum(int(e.sum()) for e in self.explored) / self.total
 
     def stats(self) -> dict[str, float]:
         """Flat dict ready for logging: densities, ITOP rates, neuron-sparsity statistics.
@@ -258,7 +278,7 @@ class MaskSet:
             if tuple(mask.shape) != tuple(layer.mask.shape):
                 raise ValueError(f"checkpoint mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(layer.mask.shape)}")
             layer.mask.copy_(mask)
-        for dst, src in zip(self._explored, state["explored"]):
+        for dst, src in zip(self.explored, state["explored"]):
             dst.copy_(src)
         grown = state.get("grown")
         self.grown = None if grown is None else [g.to(m.device, torch.bool).clone() for g, m in zip(grown, self.masks)]

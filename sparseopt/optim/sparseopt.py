@@ -226,7 +226,8 @@ class SparseOpt(OptimizerWrapper):
         weight; dynamic scales (BN statistics, smoothing) are recomputed per step.
         """
         selected = self._selection()
-        key = (self.masks.version, id(selected))
+        # Keyed on where and in what precision the weights live too: model.to(device / dtype) rebuilds the multipliers.
+        key = (self.masks.version, id(selected), tuple((w.device, w.dtype) for w in self.masks.weights))
         if not self.dynamic_scales and key == self._cache_key:
             return
         target = self._target_scales()
@@ -236,7 +237,7 @@ class SparseOpt(OptimizerWrapper):
                 for c, t in zip(self._scales, target)
             ]
         self._scales = target
-        grown = self.masks.grown if self.undamped_growth else None
+        grown = self.masks.grown_on_device() if self.undamped_growth else None
         self._multipliers = {
             id(layer.weight): gradient_multiplier(
                 layer.mask, c, layer.weight.dtype, None if (grown is None or c is None) else grown[i]
@@ -247,7 +248,17 @@ class SparseOpt(OptimizerWrapper):
 
     # -- the step -----------------------------------------------------------------------
     def skip_next_step(self) -> None:
+        """Make the next :meth:`step` a no-op; the request expires at the next :meth:`zero_grad`.
+
+        The expiry makes it safe with ``GradScaler``: when the scaler skips the
+        update step itself (fp16 overflow), the request does not skip the next,
+        good step instead.
+        """
         self._skip_next = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._skip_next = False
+        super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def precondition_grads_(self) -> None:

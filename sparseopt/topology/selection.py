@@ -60,7 +60,10 @@ def prune_and_grow(
     dropped = active[select_bottom(prune_score.reshape(-1)[active].abs(), n_drop)]
     kept = flat.clone()
     kept[dropped] = False
-    # Non-finite scores (e.g. an fp16 gradient overflow) must not win the ranking; kept entries cannot grow.
-    scores = grow_score.reshape(-1).nan_to_num(nan=float("-inf"), posinf=float("-inf")).masked_fill_(kept, float("-inf"))
-    grown = select_top(scores, n_drop)
-    return kept.reshape(mask.shape), (kept | grown).reshape(mask.shape)
+    # Growth ranks only the entries not kept, so the active count is exact whatever the scores hold;
+    # non-finite scores (e.g. an fp16 gradient overflow) rank last.
+    candidates = torch.nonzero(~kept).reshape(-1)  # ascending, so index tie-breaks carry over
+    scores = grow_score.reshape(-1)[candidates].nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+    new = kept.clone()
+    new[candidates[select_top(scores, n_drop)]] = True
+    return kept.reshape(mask.shape), new.reshape(mask.shape)

@@ -48,6 +48,7 @@ class Static:
         self.optimizer = optimizer
         self.t = 0
         self.num_updates = 0
+        self.skipped_updates = 0
         self.last_update: dict[str, Any] | None = None
 
     def step(self) -> bool:
@@ -59,13 +60,15 @@ class Static:
         return {"method": type(self).__name__}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "t": self.t, "num_updates": self.num_updates}
+        return {"type": type(self).__name__, "t": self.t, "num_updates": self.num_updates,
+                "skipped_updates": self.skipped_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("type") != type(self).__name__:
             raise ValueError(f"topology state was written by {state.get('type')}, cannot load it into {type(self).__name__}")
         self.t = int(state["t"])
         self.num_updates = int(state["num_updates"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
 
 
 class DSTUpdater(Static):
@@ -154,9 +157,14 @@ class DSTUpdater(Static):
         return drop_fraction(self.t if t is None else t, self.alpha, self.t_end)
 
     def step(self) -> bool:
-        updated = is_update_step(self.t, self.delta_t, self.t_end)
-        if updated:
-            self.update(self.drop_fraction())
+        """Advance one iteration; on schedule, update the topology.
+
+        Returns True when the topology changed. Then, with ``skip_update``, the
+        optimizer's next ``step()`` is a no-op; the skip expires at its next
+        ``zero_grad()``, so a step that GradScaler skips for an fp16 overflow
+        does not pass it on to the next good step.
+        """
+        updated = is_update_step(self.t, self.delta_t, self.t_end) and self.update(self.drop_fraction())
         self.t += 1
         return updated
 
@@ -175,24 +183,35 @@ class DSTUpdater(Static):
         return self._counts
 
     @torch.no_grad()
-    def update(self, fraction: float) -> None:
-        """Prune ``int(fraction * n_active)`` connections per layer and grow as many."""
+    def update(self, fraction: float) -> bool:
+        """Prune ``int(fraction * n_active)`` connections per layer and grow as many.
+
+        Returns False, changing nothing, when a growth score is not finite (an fp16
+        overflow step, say): such an update is skipped and counted in
+        :attr:`skipped_updates`.
+        """
         counts = self._active_counts()
+        n_drops = [int(fraction * c) for c in counts]
+        growth = [self.grow_scores(i, layer) if n else None for i, (layer, n) in enumerate(zip(self.masks, n_drops))]
+        finite = [s.isfinite().all() for s in growth if s is not None]
+        if finite and not bool(torch.stack(finite).all()):  # one synchronisation for all layers
+            self.skipped_updates += 1
+            self.last_update = {"t": self.t, "drop_fraction": fraction, "skipped": "non-finite growth scores"}
+            return False
         scales = self.optimizer.layer_scales() if self.prune_score == "scaled" else None
-        previous = self.masks.grown
-        total_drop, grown_before, grown_pruned = 0, 0, 0
+        previous = self.masks.grown_on_device()
+        total_drop, grown_before, grown_pruned, active = 0, 0, 0, 0
         grown = []
         for index, layer in enumerate(self.masks):
             old = layer.mask
-            n_drop = int(fraction * counts[index])
+            n_drop = n_drops[index]
             if previous is not None:  # small reductions on the device, synchronised once below
                 grown_before += previous[index].sum()
             if n_drop == 0:
                 grown.append(torch.zeros_like(old))
                 continue
-            kept, new = prune_and_grow(
-                old, self.prune_scores(index, layer, scales), self.grow_scores(index, layer), n_drop, counts[index]
-            )
+            kept, new = prune_and_grow(old, self.prune_scores(index, layer, scales), growth[index], n_drop, counts[index])
+            active += new.sum()
             if previous is not None:  # net: a connection dropped and regrown at once never left
                 grown_pruned += (previous[index] & ~new).sum()
             grown.append(new & ~old)
@@ -205,6 +224,9 @@ class DSTUpdater(Static):
                 zero_state_(self.optimizer, layer.weight, restart)
             old.copy_(new)
             total_drop += n_drop
+        expected = sum(c for c, n in zip(counts, n_drops) if n)
+        if int(active) != expected:  # prune-and-grow keeps every layer's count; anything else is a bug
+            raise RuntimeError(f"topology update changed the number of active weights: {int(active)} != {expected}")
         self.masks.mark_changed(grown=grown)
         self._counts_version = self.masks.version  # prune-and-grow keeps every layer's count
         self.num_updates += 1
@@ -214,6 +236,7 @@ class DSTUpdater(Static):
         if previous is not None and int(grown_before) > 0:
             share = int(grown_pruned) / int(grown_before)
         self.last_update = {"t": self.t, "drop_fraction": fraction, "pruned_and_regrown": total_drop, "grown_pruned": share}
+        return True
 
     def config(self) -> dict[str, Any]:
         return {
@@ -274,11 +297,13 @@ class RigL(DSTUpdater):
         self.growth_gradient = growth_gradient
         self._scales: list[torch.Tensor] | None = None
 
-    def update(self, fraction: float) -> None:
+    def update(self, fraction: float) -> bool:
         if self.growth_gradient == "corrected":
             self._scales = self.optimizer.layer_scales()  # from the masks before this update
-        super().update(fraction)
-        self._scales = None
+        try:
+            return super().update(fraction)
+        finally:
+            self._scales = None
 
     def grow_scores(self, index: int, layer: MaskedLayer) -> torch.Tensor:
         grad = layer.weight.grad
