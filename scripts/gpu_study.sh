@@ -17,7 +17,8 @@ mkdir -p "$OUT"
 W=$(mktemp -d)
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
-  git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no git)"
+  # The device's copy of the checkout may carry a stale .git: pass COMMIT=$(git rev-parse HEAD) from here.
+  echo "commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   nproc

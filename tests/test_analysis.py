@@ -103,7 +103,7 @@ def _fake_run(root, name, acc, *, seed, sparsity=0.9, optimizer="sgd", epochs=10
 def test_report_exact_means_stds_and_missing_runs(tmp_path):
     runs = tmp_path / "runs"
     for seed, acc in enumerate([60.0, 61.0, 65.0]):
-        _fake_run(runs, f"ours-s{seed}", acc, seed=seed, optimizer="sparseopt")
+        _fake_run(runs, f"ours-s{seed}", acc, seed=seed, optimizer="sparseopt_paper")
     for seed, acc in enumerate([59.0, 60.0]):
         _fake_run(runs, f"base-s{seed}", acc, seed=seed)
     _fake_run(runs, "base-s2", 10.0, seed=2, status=None)  # stopped: no results.json
@@ -111,6 +111,7 @@ def test_report_exact_means_stds_and_missing_runs(tmp_path):
     (runs / "sweep.json").write_text(json.dumps({"runs": ["ours-s0", "ours-s1", "ours-s2", "ours-s4"]}))
     summary = report([runs], tmp_path / "report")
     groups = {g["optimizer"]: g for g in summary["groups"]}
+    groups["sparseopt"] = groups["sparseopt_paper"]
     assert groups["sparseopt"]["test_acc_mean"] == pytest.approx(62.0, abs=1e-12)
     assert groups["sparseopt"]["test_acc_std"] == pytest.approx(math.sqrt(7.0), abs=1e-12)  # sample std of 60, 61, 65
     assert groups["sgd"]["test_acc_mean"] == pytest.approx(59.5) and groups["sgd"]["test_acc_std"] == pytest.approx(math.sqrt(0.5))
@@ -133,3 +134,22 @@ def test_report_cli_errors(tmp_path, capsys):
     assert "no such run or sweep folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_report_groups_by_full_method_config_and_flags_duplicate_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "lr01-s0", 60.0, seed=0)
+    _fake_run(runs, "lr01-s0-again", 62.0, seed=0)  # the same run twice
+    d = _fake_run(runs, "lr02-s0", 50.0, seed=0)
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg.update(lr=0.2, out="elsewhere", quiet=True)  # lr changes the method; out and quiet do not
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    summary = report([runs], tmp_path / "report")
+    groups = sorted(summary["groups"], key=lambda g: g["test_acc_mean"])
+    assert [g["n_seeds"] for g in groups] == [1, 2]  # lr=0.2 is not averaged in as a seed
+    assert groups[0]["differs"] == {"lr": 0.2} and groups[1]["differs"] == {}
+    assert groups[0]["method"] == "Baseline (lr=0.2)" and groups[1]["method"] == "Baseline"
+    assert groups[1]["duplicate_seeds"] == [0] and groups[0]["duplicate_seeds"] == []
+    assert groups[0]["paper_test_acc"] is None  # not the paper's setting: no paper number beside it
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Groups with duplicate seeds" in md and "seeds [0] appear more than once" in md

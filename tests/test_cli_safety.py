@@ -190,8 +190,8 @@ def test_help_shows_docs_defaults_and_choices_and_version(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--sparsity FLOAT global sparsity S in [0, 1) over all masked weights (default: 0.9)" in text
-    assert "{sgd, sparseopt} (default: sparseopt)" in text
-    assert "--prune-score NAME" in text and "{magnitude, scaled, normalized}" in text
+    assert "{sgd, sparseopt, sparseopt_paper} (default: sparseopt)" in text
+    assert "--prune-score NAME" in text and "{auto, magnitude, scaled, normalized}" in text
     assert main(["--version"]) == 0
     assert re.fullmatch(r"sparseopt \d+\.\d+\.\d+\n", capsys.readouterr().out)
 

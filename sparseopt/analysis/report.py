@@ -50,19 +50,19 @@ LABELLED_KEYS = frozenset({"dataset", "model", "dst", "sparsity", "epochs", "opt
 
 # Top-1 % reported by the paper (SPEC section 7), RigL. Key: (dataset, model, dst, sparsity, optimizer, ham) -> {epochs: acc}.
 PAPER: dict[tuple, dict[int, float]] = {
-    ("imagenet", "resnet50", "rigl", 0.9, "sparseopt", False): {90: 74.41, 180: 75.06, 270: 75.26},
+    ("imagenet", "resnet50", "rigl", 0.9, "sparseopt_paper", False): {90: 74.41, 180: 75.06, 270: 75.26},
     ("imagenet", "resnet50", "rigl", 0.9, "sgd", False): {90: 73.88, 180: 74.99, 270: 75.26},
-    ("imagenet", "resnet50", "rigl", 0.95, "sparseopt", False): {90: 72.93, 180: 73.62, 270: 73.95},
+    ("imagenet", "resnet50", "rigl", 0.95, "sparseopt_paper", False): {90: 72.93, 180: 73.62, 270: 73.95},
     ("imagenet", "resnet50", "rigl", 0.95, "sgd", False): {90: 72.33, 180: 73.36, 270: 73.62},
-    ("imagenet", "resnet50", "rigl", 0.97, "sparseopt", False): {90: 71.15, 180: 72.65, 270: 72.66},
+    ("imagenet", "resnet50", "rigl", 0.97, "sparseopt_paper", False): {90: 71.15, 180: 72.65, 270: 72.66},
     ("imagenet", "resnet50", "rigl", 0.97, "sgd", False): {90: 69.94, 180: 72.00, 270: 72.35},
-    ("cifar100", "resnet20", "rigl", 0.9, "sparseopt", False): {100: 61.34, 200: 63.12, 300: 64.30, 500: 65.22},
+    ("cifar100", "resnet20", "rigl", 0.9, "sparseopt_paper", False): {100: 61.34, 200: 63.12, 300: 64.30, 500: 65.22},
     ("cifar100", "resnet20", "rigl", 0.9, "sgd", False): {100: 60.66, 200: 62.93, 300: 63.77, 500: 64.66},
-    ("cifar100", "resnet20", "rigl", 0.95, "sparseopt", False): {100: 56.80, 200: 59.91, 300: 60.67, 500: 61.74},
+    ("cifar100", "resnet20", "rigl", 0.95, "sparseopt_paper", False): {100: 56.80, 200: 59.91, 300: 60.67, 500: 61.74},
     ("cifar100", "resnet20", "rigl", 0.95, "sgd", False): {100: 55.80, 200: 59.22, 300: 60.00, 500: 61.45},
-    ("cifar100", "resnet20", "rigl", 0.97, "sparseopt", False): {100: 53.95, 200: 57.01, 300: 57.62, 500: 58.35},
+    ("cifar100", "resnet20", "rigl", 0.97, "sparseopt_paper", False): {100: 53.95, 200: 57.01, 300: 57.62, 500: 58.35},
     ("cifar100", "resnet20", "rigl", 0.97, "sgd", False): {100: 52.53, 200: 54.87, 300: 56.50, 500: 57.32},
-    ("cifar100", "resnet20", "rigl", 0.95, "sparseopt", True): {100: 57.31, 200: 60.41, 300: 60.91, 500: 62.20},
+    ("cifar100", "resnet20", "rigl", 0.95, "sparseopt_paper", True): {100: 57.31, 200: 60.41, 300: 60.91, 500: 62.20},
     ("cifar100", "resnet20", "rigl", 0.95, "sgd", True): {100: 56.72, 200: 58.76, 300: 60.38, 500: 61.66},
 }
 
@@ -113,8 +113,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def method_label(optimizer: str, ham: bool, renorm, growth_grad: str, extras: dict[str, Any] | None = None) -> str:
-    label = "Ours" if optimizer == "sparseopt" else "Baseline"
-    parts = []
+    label = "Ours" if optimizer in ("sparseopt", "sparseopt_paper") else "Baseline"
+    parts = ["paper-exact"] if optimizer == "sparseopt_paper" else []
     if ham:
         parts.append("w/ HAM")
     if renorm is not None:

@@ -84,11 +84,14 @@ class DSTUpdater(Static):
         t_end: last iteration with updates; default ``int(0.75 * total_steps)``.
         total_steps: total training iterations (needed when ``t_end`` is not given,
             and used to reject a ``t_end`` past the end of training).
-        prune_score: which active connections are dropped: ``"magnitude"`` (default,
-            ``|w|``), ``"scaled"`` (``|w| / c_i`` with the optimizer's SparseOpt
-            scales), ``"normalized"`` (``|w|`` over the neuron's RMS weight), or a
-            callable ``(weight, mask, scale) -> score`` (smallest dropped first).
-            Subclasses may override :meth:`prune_scores` instead.
+        prune_score: which active connections are dropped: ``"magnitude"``
+            (``|w|``, RigL/SET as published), ``"scaled"`` (``|w| / c_i`` with the
+            optimizer's SparseOpt scales), ``"normalized"`` (``|w|`` over the
+            neuron's RMS weight), a callable ``(weight, mask, scale) -> score``
+            (smallest dropped first), or ``"auto"`` (default): ``"scaled"`` when the
+            optimizer is a preconditioning SparseOpt, else ``"magnitude"``. With the
+            paper's magnitude pruning SparseOpt starves low-fan-in neurons until they
+            die (docs/results.md). Subclasses may override :meth:`prune_scores` instead.
 
     After each update :attr:`last_update` holds ``t``, the drop fraction, the
     number of connections pruned and regrown, and ``grown_pruned``: the share of
@@ -109,7 +112,7 @@ class DSTUpdater(Static):
         keep_regrown: bool = True,
         reset_optimizer_state: bool = True,
         skip_update: bool = True,
-        prune_score="magnitude",
+        prune_score="auto",
     ):
         super().__init__(masks, optimizer)
         if not isinstance(delta_t, int) or delta_t < 1:
@@ -137,6 +140,8 @@ class DSTUpdater(Static):
                 f"(use SparseOpt(base, masks, precondition=False) for the plain baseline); got {type(optimizer).__name__}. "
                 "Or set skip_update=False"
             )
+        if prune_score == "auto":  # preconditioner-aware when the optimizer preconditions (docs/results.md)
+            prune_score = "scaled" if getattr(optimizer, "precondition", False) else "magnitude"
         if not callable(prune_score) and prune_score not in PRUNE_SCORES:
             raise ValueError(f"unknown prune_score {prune_score!r}; choose one of {list(PRUNE_SCORES)} or pass a callable")
         if prune_score == "scaled" and not hasattr(optimizer, "layer_scales"):

@@ -4,7 +4,8 @@ The optimizer chain is ``SparseOpt(HAM(SGD))`` (HAM optional): SparseOpt
 corrects the gradient, HAM's base step runs (SGD with momentum), then HAM's
 hyperbolic step, then SparseOpt re-applies the masks. ``optimizer=sgd`` builds
 the same chain with ``precondition=False``, so baseline and SparseOpt differ in
-that one switch. Dense runs have no masks: ``SGD`` or ``HAM(SGD)``.
+that one switch (the recommended SparseOpt also prunes by ``|w| / c_i``, which is
+plain magnitude pruning for the baseline, whose ``c_i`` are 1). Dense runs have no masks: ``SGD`` or ``HAM(SGD)``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def make_model(cfg: TrainConfig) -> nn.Module:
     return build_model(cfg.model, info.num_classes, in_shape=info.in_shape, **kwargs)
 
 
+# SparseOpt as the paper describes it, and as this library recommends: the paper's magnitude pruning lets the
+# preconditioner starve low-fan-in neurons until they die; pruning by |w| / c_i does not (docs/results.md).
+PAPER_SPARSEOPT = {"precondition_layers": "all", "prune_score": "magnitude"}
+RECOMMENDED_SPARSEOPT = {"precondition_layers": "normalized", "prune_score": "scaled"}
+
+
+def resolve_method(cfg: TrainConfig) -> dict[str, object]:
+    """The optimizer-dependent settings of a run with every ``auto`` resolved."""
+    preset = PAPER_SPARSEOPT if cfg.optimizer == "sparseopt_paper" else RECOMMENDED_SPARSEOPT
+    # For the baseline c_i = 1, so |w| / c_i is |w|: "auto" gives it plain magnitude pruning either way.
+    prune = cfg.prune_score if cfg.prune_score != "auto" else ("magnitude" if cfg.optimizer == "sgd" else preset["prune_score"])
+    layers = cfg.precondition_layers if cfg.precondition_layers != "auto" else preset["precondition_layers"]
+    return {"precondition": cfg.optimizer != "sgd", "precondition_layers": layers, "prune_score": prune}
+
+
 def effective_delta_t(cfg: TrainConfig) -> int:
     """``delta_t`` rescaled to the run's batch when the config names a reference batch (ImageNet recipe)."""
     if cfg.delta_t_batch is None:
@@ -66,8 +82,9 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
         model, cfg.sparsity, cfg.distribution, power_scale=cfg.power_scale, dense_first=cfg.dense_first,
         dense_last=cfg.dense_last, init=cfg.init, generator=torch.Generator().manual_seed(cfg.seed),
     )
+    method = resolve_method(cfg)
     optimizer = SparseOpt(
-        optimizer, masks, precondition=cfg.optimizer == "sparseopt", layers=cfg.precondition_layers,
+        optimizer, masks, precondition=method["precondition"], layers=method["precondition_layers"],
         max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay, scale_source=cfg.scale_source,
         scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
     )
@@ -77,7 +94,7 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
         common = dict(
             delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
             total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
-            skip_update=cfg.skip_update, prune_score=cfg.prune_score,
+            skip_update=cfg.skip_update, prune_score=method["prune_score"],
         )
         if cfg.dst == "set":
             topology = SET(masks, optimizer, seed=cfg.seed, **common)

@@ -22,7 +22,7 @@ from ..optim.sparseopt import SCALE_SOURCES
 from ..topology.scores import PRUNE_SCORES
 
 DST_METHODS = ("dense", "static", "set", "rigl")
-OPTIMIZERS = ("sgd", "sparseopt")
+OPTIMIZERS = ("sgd", "sparseopt", "sparseopt_paper")
 
 
 @dataclass
@@ -80,13 +80,13 @@ class TrainConfig:
     """new connections start with zeroed optimizer moments"""
     skip_update: bool = True
     """skip the weight update of the step that changes the topology (reference RigL)"""
-    prune_score: str = "magnitude"
-    """which active connections are dropped: magnitude (|w|), scaled (|w| / c_i), normalized (|w| / neuron RMS)"""
+    prune_score: str = "auto"
+    """which active connections are dropped: magnitude (|w|), scaled (|w| / c_i), normalized (|w| / neuron RMS); auto: scaled for sparseopt (identical to magnitude for sgd), magnitude for sparseopt_paper"""
     # -- optimizer -------------------------------------------------------------------
     optimizer: str = "sparseopt"
-    """sgd: masked DST baseline; sparseopt: preconditioned"""
-    precondition_layers: str = "normalized"
-    """normalized (only layers feeding a BN/LN/GN) or all"""
+    """sgd: masked DST baseline; sparseopt: preconditioned, with preconditioner-aware pruning (recommended); sparseopt_paper: as the paper describes it"""
+    precondition_layers: str = "auto"
+    """which masked layers SparseOpt scales: normalized (those feeding a BN/LN/GN), all; auto: normalized for sparseopt, all for sparseopt_paper"""
     scale_weight_decay: bool = False
     """scale weight decay with the gradient (an L2 term in the loss) instead of adding it after the scaling"""
     scale_source: str = "fan_in"
@@ -199,7 +199,7 @@ class TrainConfig:
             raise ValueError(f"delta_t_batch must be >= 1 or none (the batch size delta_t is given for), got {self.delta_t_batch!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
-        if self.dst == "dense" and self.optimizer == "sparseopt":
+        if self.dst == "dense" and self.optimizer != "sgd":
             raise ValueError("dst=dense has no masks to precondition: use --optimizer sgd (or a sparse --dst)")
         if not self.mlp_hidden or any(h < 1 for h in self.mlp_hidden):
             raise ValueError(f"mlp_hidden must be a non-empty list of positive widths, got {self.mlp_hidden!r}")
@@ -225,8 +225,8 @@ def field_choices() -> dict[str, list[str]]:
     return {
         "dataset": list(DATASETS), "model": list(MODELS), "dst": list(DST_METHODS), "optimizer": list(OPTIMIZERS),
         "distribution": [d for d in DISTRIBUTIONS if d != "custom"], "init": ["dense", "sparse"],
-        "growth_grad": ["original", "corrected"], "precondition_layers": ["normalized", "all"],
-        "prune_score": list(PRUNE_SCORES), "scale_source": list(SCALE_SOURCES), "shortcut": ["A", "B"],
+        "growth_grad": ["original", "corrected"], "precondition_layers": ["auto", "normalized", "all"],
+        "prune_score": ["auto", *PRUNE_SCORES], "scale_source": list(SCALE_SOURCES), "shortcut": ["A", "B"],
         "mlp_norm": ["none", "batchnorm", "layernorm"],
     }
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..data import DATASETS, DeviceLoader, download_dataset, imagenet_loader, load_tensors, subset
 from ..monitor import UpdateProbe, loss_on_batch, neuron_stats
-from .build import build_run, effective_delta_t, make_model
+from .build import build_run, effective_delta_t, make_model, resolve_method
 from .config import TrainConfig
 from .distributed import DistEnv, all_reduce_sum, check_masks_consistent, cleanup, init_distributed
 from .io import (
@@ -417,6 +417,7 @@ class Trainer:
                 env["total_steps"] = self.total_steps
                 env["peak_lr"] = self.peak_lr
                 if self.topology is not None:
+                    env["resolved"] = resolve_method(cfg)
                     env["topology"] = self.topology.config()
                     env["delta_t_effective"] = effective_delta_t(cfg)
                     env["topology_updates_planned"] = self.planned_updates()
@@ -539,6 +540,7 @@ class Trainer:
             "invocations": self.invocations(),
         }
         if self.masks is not None:
+            out["resolved"] = resolve_method(self.cfg)
             out["preconditioned_layers"] = self.optimizer.preconditioned_layers
             out["topology_updates"] = self.topology.num_updates
             out["topology_updates_planned"] = self.planned_updates()
