@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import json
 import pickle
 import tarfile
 
@@ -17,7 +18,7 @@ from sparseopt.data import (
     subset,
 )
 from sparseopt.data.augment import random_crop_flip
-from sparseopt.data.imagenet import ImageFolder, random_resized_crop_box
+from sparseopt.data.imagefolder import ImageFolder, random_resized_crop_box
 from sparseopt.data.mnist import read_idx
 from sparseopt.data.safe_pickle import safe_loads
 
@@ -141,6 +142,31 @@ def test_mnist_errors(tmp_path):
         read_idx(path)
 
 
+def test_fashion_mnist_files_read_as_mnist_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    # a training set with Fashion-MNIST's mean pixel (0.286): sparse bright pixels on black
+    images = (rng.random((100, 28, 28)) < 0.286).astype(np.uint8) * 255
+    root = tmp_path / "mnist"
+    root.mkdir()
+    for name, arr in {"train-images-idx3-ubyte": images, "train-labels-idx1-ubyte": rng.integers(0, 10, 100)}.items():
+        (root / name).write_bytes(_idx(arr))
+    with pytest.raises(DatasetError, match="looks like fashion_mnist .* use --dataset fashion_mnist"):
+        load_mnist(tmp_path, "mnist", train=True)
+    (tmp_path / "mnist").rename(tmp_path / "fashion_mnist")
+    x, _ = load_mnist(tmp_path, "fashion_mnist", train=True)  # its own name: accepted
+    assert x.shape == (100, 1, 28, 28)
+
+
+def test_real_mnist_passes_the_variant_check_and_skew_fashion_needs_its_files(tmp_path, capsys):
+    from sparseopt.cli.main import main
+
+    x, _ = load_mnist(data_path("mnist"), "mnist", train=True)
+    assert x.float().mean().item() / 255 == pytest.approx(0.1307, abs=0.002)
+    with pytest.raises(SystemExit) as stop:
+        main(["skew", "--dataset", "fashion_mnist", "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "--dataset fashion_mnist needs --data-dir" in capsys.readouterr().err
+
+
 # -- augmentation and the device loader ---------------------------------------------------------
 def test_random_crop_flip_is_a_window_of_the_padded_image():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
@@ -186,25 +212,60 @@ def test_subset_is_fixed():
     assert torch.equal(a[1], b[1]) and len(a[1]) == 10
 
 
-# -- ImageNet folder layout ---------------------------------------------------------------------
-def test_imagenet_folder(tmp_path):
+# -- image folders (ImageNet's layout) ---------------------------------------------------------------
+def _image_folder(root, splits, size=(60, 80)):
     Image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for wnid in ("n01", "n02"):
-            (tmp_path / split / wnid).mkdir(parents=True)
+    for split, classes in splits.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
             for i in range(2):
-                arr = rng.integers(0, 256, (300 + 10 * i, 400, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(tmp_path / split / wnid / f"img{i}.JPEG")
+                arr = rng.integers(0, 256, (size[0] + 10 * i, size[1], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"img{i}.JPEG")
+    return root
+
+
+def test_image_folder_splits_share_the_training_class_map(tmp_path):
+    _image_folder(tmp_path, {"train": ["n01", "n02", "n03"], "val": ["n01", "n03"]}, size=(300, 400))
     train = ImageFolder(tmp_path, "train", train=True)
-    val = ImageFolder(tmp_path, "val", train=False)
-    assert train.classes == ["n01", "n02"] and len(train) == 4
+    assert train.classes == ["n01", "n02", "n03"] and len(train) == 6
     x, label = train[3]
     assert x.shape == (3, 224, 224) and x.dtype == torch.uint8 and label == 1
+    # val lacks n02: n03 keeps label 2 (numbering val's own folders would have made it 1)
+    val = ImageFolder(tmp_path, "val", train=False, class_to_idx=train.class_to_idx)
+    assert sorted({label for _, label in val.samples}) == [0, 2] and val.missing_classes == ["n02"]
     v, _ = val[0]
     assert v.shape == (3, 224, 224)
-    with pytest.raises(DatasetError, match="train/<wnid>/\\*.JPEG"):
+    small = ImageFolder(tmp_path, "val", train=False, image_size=32, resize=40, class_to_idx=train.class_to_idx)
+    assert small[0][0].shape == (3, 32, 32)
+    (tmp_path / "val" / "n99").mkdir()
+    (tmp_path / "val" / "n01" / "img0.JPEG").rename(tmp_path / "val" / "n99" / "img0.JPEG")
+    with pytest.raises(DatasetError, match=r"class folders the training split does not have: \['n99'\]"):
+        ImageFolder(tmp_path, "val", train=False, class_to_idx=train.class_to_idx)
+    with pytest.raises(DatasetError, match="train/<class>/\\*.JPEG"):
         ImageFolder(tmp_path / "nothing", "train", train=True)
+
+
+def test_folder_dataset_run_counts_its_classes(tmp_path, capsys):
+    from sparseopt.cli.main import main
+
+    _image_folder(tmp_path / "data", {"train": [f"c{i}" for i in range(10)], "val": [f"c{i}" for i in range(9)]})
+    common = ["train", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--model", "resnet20",
+              "--image-size", "32", "--batch-size", "4", "--eval-batch-size", "8", "--epochs", "1", "--quiet",
+              "--no-compare-optimizers", "--workers", "0", "--dst", "static", "--sparsity", "0.5"]
+    assert main([*common, "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "imagefolder: 10 classes from" in out and "WARNING: 1 training classes have no validation folder" in out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["num_classes"] == 10 and results["run_name"].startswith("imagefolder-resnet20")
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["model"]["fc.weight"].shape[0] == 10  # not a 1000-way head
+    assert main([*common, "--num-classes", "12", "--out", str(tmp_path / "wide")]) == 0
+    assert torch.load(tmp_path / "wide" / "checkpoint.pt", weights_only=True)["model"]["fc.weight"].shape[0] == 12
+    assert main([*common, "--num-classes", "5", "--out", str(tmp_path / "narrow")]) == 2
+    assert "--num-classes 5 is fewer than the 10 classes" in capsys.readouterr().err
+    assert main([*common, "--dataset", "imagenet", "--out", str(tmp_path / "inet")]) == 2
+    assert "has 10 class folders, ImageNet has 1000; use --dataset imagefolder" in capsys.readouterr().err
 
 
 def test_random_resized_crop_box_bounds():

@@ -23,7 +23,7 @@ from ..train.config import TrainConfig
 from ..train.distributed import DistEnv
 from ..train.io import write_json
 from ..train.schedule import peak_lr, warmup_cosine_scheduler
-from ..train.trainer import make_loaders
+from ..train.data import make_loaders
 from .figures import pyplot, save_figure, write_csv
 
 METHODS = ("sgd", "sparseopt")
@@ -33,9 +33,10 @@ def record_directions(cfg: TrainConfig) -> list[dict]:
     """Train ``cfg`` on the CPU and return one row per (step, layer) with the cosine to the previous direction."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
-    train_loader, _ = make_loaders(cfg, device, DistEnv())
+    data = make_loaders(cfg, device, DistEnv())
+    train_loader = data.train
     total = cfg.epochs * len(train_loader)
-    model = make_model(cfg).to(device)
+    model = make_model(cfg, data.num_classes).to(device)
     lr = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_batch_scaling)
     run = build_run(cfg, model, total, lr)
     warmup = round(cfg.warmup_epochs * len(train_loader))

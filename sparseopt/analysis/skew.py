@@ -27,9 +27,9 @@ from ..optim.preconditioner import neuron_scales
 NORM_CHOICES = ("batchnorm", "none", "layernorm")
 
 
-def mnist_inputs(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 1, 28, 28) -> float (N, 784) normalised with the MNIST mean / std."""
-    return ((images.float() / 255.0 - 0.1307) / 0.3081).reshape(len(images), -1)
+def mnist_inputs(images: torch.Tensor, mean: float = 0.1307, std: float = 0.3081) -> torch.Tensor:
+    """uint8 (N, 1, 28, 28) -> float (N, 784) normalised with the dataset's mean / std (default MNIST's)."""
+    return ((images.float() / 255.0 - mean) / std).reshape(len(images), -1)
 
 
 @dataclass

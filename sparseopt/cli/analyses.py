@@ -29,10 +29,12 @@ def ensure_writable(folder: Path) -> Path:
 
 def cmd_skew(argv: list[str]) -> int:
     from ..analysis.skew import DEFAULT_SPARSITIES, NORM_CHOICES, mnist_inputs, run_skew
-    from ..data import load_bundled_mnist, load_mnist
+    from ..data import DATASETS, load_bundled_mnist, load_mnist
 
     p = argparse.ArgumentParser(allow_abbrev=False, prog="sparseopt skew", description="BN gradient skew of a sparse layer (paper Fig. 2, appendix D/E.3).")
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: the bundled subset)")
+    p.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="mnist",
+                   help="which IDX files --data-dir holds (each is normalised with its own statistics)")
+    p.add_argument("--data-dir", help="folder with the IDX files (default: the bundled MNIST subset)")
     p.add_argument("--norm", nargs="+", choices=NORM_CHOICES, default=["batchnorm", "none"])
     p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
     p.add_argument("--batches", type=int, default=100)
@@ -46,13 +48,16 @@ def cmd_skew(argv: list[str]) -> int:
         if not 0 <= s < 1:
             p.error(f"--sparsities must be in [0, 1), got {s}")
     out = ensure_writable(Path(args.out))
-    images, labels = load_mnist(args.data_dir, "mnist", True) if args.data_dir else load_bundled_mnist(True)
+    if args.dataset != "mnist" and not args.data_dir:
+        p.error(f"--dataset {args.dataset} needs --data-dir (only an MNIST subset is bundled)")
+    images, labels = load_mnist(args.data_dir, args.dataset, True) if args.data_dir else load_bundled_mnist(True)
+    info = DATASETS[args.dataset]
     with Progress(1, "skew", enabled=not args.quiet) as bar:
         def progress(done, total):
             bar.set_total(total)
             bar.update(done)
 
-        summary = run_skew(mnist_inputs(images), labels, out, norms=args.norm, sparsities=args.sparsities,
+        summary = run_skew(mnist_inputs(images, info.mean[0], info.std[0]), labels, out, norms=args.norm, sparsities=args.sparsities,
                            batches=args.batches, batch_size=args.batch_size, inits=args.inits, seed=args.seed,
                            progress=progress)
     print(f"{'norm':>10} {'sparsity':>8} {'ratio':>14} {'1/sqrt(1-s)':>11} {'norm factor':>11}")

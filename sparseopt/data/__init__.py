@@ -12,7 +12,7 @@ from .cifar import load_cifar
 from .device_loader import DeviceLoader
 from .download import download_dataset
 from .errors import DatasetError
-from .imagenet import imagenet_loader
+from .imagefolder import imagefolder_loader
 from .mnist import load_mnist
 
 BUNDLED = Path(__file__).resolve().parent / "bundled" / "mnist_subset.npz"
@@ -20,8 +20,8 @@ BUNDLED = Path(__file__).resolve().parent / "bundled" / "mnist_subset.npz"
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: int
-    in_shape: tuple[int, int, int]
+    num_classes: int | None  # None: read from the training folder (imagefolder)
+    in_shape: tuple[int, int, int]  # (C, H, W); folder datasets: H, W = --image-size
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool  # standard augmentation for training (pad-crop-flip)
@@ -34,7 +34,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
     "cifar100": DatasetInfo(100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
     "imagenet": DatasetInfo(1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
+    # Any folder in ImageNet's layout: classes from train/, ImageNet's statistics unless they are yours.
+    "imagefolder": DatasetInfo(None, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
 }
+FOLDER_DATASETS = ("imagenet", "imagefolder")
 
 
 def load_bundled_mnist(train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +69,7 @@ def subset(images: torch.Tensor, labels: torch.Tensor, n: int | None) -> tuple[t
 
 
 __all__ = [
-    "BUNDLED", "DATASETS", "DatasetError", "DatasetInfo", "DeviceLoader", "download_dataset", "imagenet_loader",
+    "BUNDLED", "DATASETS", "FOLDER_DATASETS", "DatasetError", "DatasetInfo", "DeviceLoader", "download_dataset",
+    "imagefolder_loader",
     "load_bundled_mnist", "load_cifar", "load_mnist", "load_tensors", "subset",
 ]

@@ -62,7 +62,7 @@ def load_mnist(root: str | Path, name: str = "mnist", train: bool = True) -> tup
             raise DatasetError(
                 f"{name}: {stem}[.gz] not found (looked in {where}). Expected the four IDX files "
                 f"{', '.join(FILES[True] + FILES[False])} (optionally .gz). "
-                "Pass --data-dir to their folder, or add --download to fetch them."
+                "Pass --data-dir to their folder (sparseopt train can fetch them with --download)."
             )
         paths.append(path)
     images, labels = read_idx(paths[0]), read_idx(paths[1])
@@ -72,4 +72,20 @@ def load_mnist(root: str | Path, name: str = "mnist", train: bool = True) -> tup
         raise DatasetError(f"{paths[0].name} has {images.shape[0]} images but {paths[1].name} has {labels.shape[0]} labels")
     if labels.max() > 9:
         raise DatasetError(f"{paths[1]}: labels must be in [0, 10), got max {labels.max()}")
+    check_variant(images, name, paths[0])
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+# Mean pixel (0-1) of each variant's training set: the two share file names, not statistics.
+MEAN_PIXEL = {"mnist": 0.1307, "fashion_mnist": 0.2860}
+
+
+def check_variant(images: np.ndarray, name: str, path: Path) -> None:
+    """Refuse Fashion-MNIST files read as MNIST and the reverse: each would be normalised with the other's statistics."""
+    mean = float(images[:10000].mean()) / 255.0
+    closest = min(MEAN_PIXEL, key=lambda k: abs(MEAN_PIXEL[k] - mean))
+    if closest != name and abs(MEAN_PIXEL[closest] - mean) < 0.04:
+        raise DatasetError(
+            f"{path} looks like {closest} (mean pixel {mean:.3f}; {closest} {MEAN_PIXEL[closest]}, {name} "
+            f"{MEAN_PIXEL[name]}), not {name}: use --dataset {closest} so that it is normalised with its own statistics"
+        )

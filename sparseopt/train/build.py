@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import DATASETS
+from ..data import DATASETS, FOLDER_DATASETS
 from ..masks.maskset import MaskSet, sparsify
 from ..models import build_model
 from ..optim import HAM, SparseOpt
@@ -31,14 +31,19 @@ class RunObjects:
     topology: Static | None
 
 
-def make_model(cfg: TrainConfig) -> nn.Module:
+def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
+    """The config's model with ``num_classes`` outputs (default: the dataset's own count)."""
     info = DATASETS[cfg.dataset]
+    num_classes = num_classes if num_classes is not None else info.num_classes
+    in_shape = info.in_shape
+    if cfg.dataset in FOLDER_DATASETS and cfg.image_size:
+        in_shape = (in_shape[0], cfg.image_size, cfg.image_size)
     kwargs = {}
     if cfg.model == "mlp":
         kwargs = {"hidden": cfg.mlp_hidden, "norm": cfg.mlp_norm}
     elif cfg.model != "resnet50":
         kwargs = {"shortcut": cfg.shortcut}
-    return build_model(cfg.model, info.num_classes, in_shape=info.in_shape, **kwargs)
+    return build_model(cfg.model, num_classes, in_shape=in_shape, **kwargs)
 
 
 # SparseOpt as the paper describes it, and as this library recommends: the paper's magnitude pruning lets the

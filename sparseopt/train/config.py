@@ -38,8 +38,14 @@ class TrainConfig:
     """use a fixed random subset of N training examples (quick runs)"""
     test_subset: int | None = None
     """evaluate on a fixed random subset of N test examples"""
-    workers: int = 8
-    """decoding workers (ImageNet only; CIFAR/MNIST live on the device)"""
+    workers: int | None = None
+    """decoding workers per rank for folder datasets (default: the CPUs shared by the local ranks, at most 8; CIFAR/MNIST live on the device)"""
+    num_classes: int | None = None
+    """model outputs (default: the dataset's classes; folder datasets: the class folders of train/); at least that many"""
+    image_size: int | None = None
+    """crop size of folder datasets (default 224)"""
+    resize_size: int | None = None
+    """evaluation resize of folder datasets before the centre crop (default image_size * 256 / 224)"""
     # -- model -------------------------------------------------------------------
     model: str = "mlp"
     """model (CIFAR ResNets 20/32/56, ImageNet ResNet-50 v1.5, or the MLP)"""
@@ -172,11 +178,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "delta_t"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("train_subset", "test_subset"):
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0 or none, got {self.workers!r}")
+        for name in ("train_subset", "test_subset", "num_classes", "image_size", "resize_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 or none, got {v!r}")
-        for name in ("lr", "ham_alpha", "ham_beta", "weight_decay", "momentum", "warmup_epochs", "lr_min", "workers"):
+        for name in ("lr", "ham_alpha", "ham_beta", "weight_decay", "momentum", "warmup_epochs", "lr_min"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")

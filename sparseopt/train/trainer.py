@@ -29,10 +29,10 @@ import torch
 import yaml
 from torch import nn
 
-from ..data import DATASETS, DeviceLoader, download_dataset, imagenet_loader, load_tensors, subset
 from ..monitor import UpdateProbe, loss_on_batch, neuron_stats
 from .build import build_run, effective_delta_t, make_model, resolve_method
 from .config import TrainConfig
+from .data import make_loaders
 from .distributed import DistEnv, all_reduce_sum, check_masks_consistent, cleanup, init_distributed
 from .io import (
     atomic_write,
@@ -121,28 +121,6 @@ def check_optional_loggers(cfg: TrainConfig) -> None:
             raise ValueError("--wandb needs the wandb package: pip install wandb") from None
 
 
-def make_loaders(cfg: TrainConfig, device: torch.device, env: DistEnv):
-    info = DATASETS[cfg.dataset]
-    batch = cfg.batch_size // env.world_size
-    common = dict(mean=info.mean, std=info.std, seed=cfg.seed, device=device, rank=env.rank,
-                  world_size=env.world_size, channels_last=cfg.channels_last)
-    if cfg.dataset == "imagenet":
-        train = imagenet_loader(cfg.data_dir, True, batch, workers=cfg.workers, subset=cfg.train_subset, **common)
-        test = imagenet_loader(cfg.data_dir, False, cfg.eval_batch_size, workers=cfg.workers, subset=cfg.test_subset, **common)
-        return train, test
-    if cfg.download and env.is_main:
-        download_dataset(cfg.dataset, cfg.data_dir)
-    if env.enabled:
-        torch.distributed.barrier()
-    xtr, ytr = subset(*load_tensors(cfg.dataset, cfg.data_dir, train=True), cfg.train_subset)
-    xte, yte = subset(*load_tensors(cfg.dataset, cfg.data_dir, train=False), cfg.test_subset)
-    train = DeviceLoader(xtr, ytr, batch, train=True, augment=info.augment, **common)
-    test = DeviceLoader(xte, yte, cfg.eval_batch_size, train=False, **common)
-    if len(train) == 0:
-        raise ValueError(f"the training set has {train.num_samples} examples per rank, fewer than one batch of {batch}")
-    return train, test
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, env: DistEnv, autocast) -> dict[str, float]:
     """Top-1, top-5 and loss over the whole test set (reduced over ranks)."""
@@ -208,10 +186,13 @@ class Trainer:
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)
-        self.train_loader, self.test_loader = make_loaders(cfg, self.device, env)
+        data = make_loaders(cfg, self.device, env)
+        self.train_loader, self.test_loader, self.num_classes = data.train, data.test, data.num_classes
+        for note in data.notes:
+            self.notes.append(note)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        model = make_model(cfg)
+        model = make_model(cfg, self.num_classes)
         if cfg.sync_bn and env.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
@@ -534,6 +515,7 @@ class Trainer:
             "method": self.cfg.method(),
             "run_name": run_name(self.cfg),
             "epochs_completed": self.epoch,
+            "num_classes": self.num_classes,
             "final": {k: last[k] for k in keys if k in last},
             "best_test_acc": max((m["test_acc"] for m in history if "test_acc" in m), default=None),
             "seconds": self.elapsed(),

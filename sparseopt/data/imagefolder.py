@@ -1,8 +1,12 @@
-"""ImageNet (ILSVRC-2012) in the usual folder layout, decoded by parallel DataLoader workers.
+"""Image-folder datasets (ImageNet's layout), decoded by parallel DataLoader workers.
 
-Layout: ``<root>/train/<wnid>/*.JPEG`` and ``<root>/val/<wnid>/*.JPEG``.
-Training: random-resized-crop 224 (scale 0.08-1, aspect 3/4-4/3) + horizontal
-flip; evaluation: resize the shorter side to 256 + centre crop 224. Workers
+Layout: ``<root>/train/<class>/*.JPEG`` and ``<root>/val/<class>/*.JPEG``
+(``imagefolder``; ``imagenet`` is its preset with ILSVRC-2012's 1000 classes).
+The class-to-index map comes from the training folder alone and the validation
+split uses it, so a class missing from ``val`` cannot shift the labels of the
+others. Training: random-resized-crop ``image_size`` (scale 0.08-1, aspect
+3/4-4/3) + horizontal flip; evaluation: resize the shorter side to
+``resize`` + centre crop ``image_size`` (224 / 256 for ImageNet). Workers
 return uint8 CHW tensors; normalisation happens on the device.
 """
 
@@ -53,22 +57,36 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(
 
 
 class ImageFolder(Dataset):
-    def __init__(self, root: str | Path, split: str, train: bool, image_size: int = 224, resize: int = 256, subset: int | None = None):
+    """One split of an image folder. ``class_to_idx``: the training split's map (for ``val``); None builds it.
+
+    ``missing_classes``: training classes with no folder in this split (a warning for the caller).
+    """
+
+    def __init__(self, root: str | Path, split: str, train: bool, image_size: int = 224, resize: int = 256,
+                 subset: int | None = None, class_to_idx: dict[str, int] | None = None, name: str = "imagefolder"):
         folder = Path(root).expanduser() / split
         if not folder.is_dir():
             raise DatasetError(
-                f"imagenet: {folder} not found. Expected {Path(root) / 'train'}/<wnid>/*.JPEG and "
-                f"{Path(root) / 'val'}/<wnid>/*.JPEG (val sorted into class folders); pass --data-dir to that folder"
+                f"{name}: {folder} not found. Expected {Path(root) / 'train'}/<class>/*.JPEG and "
+                f"{Path(root) / 'val'}/<class>/*.JPEG (val sorted into class folders); pass --data-dir to that folder"
             )
-        self.classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-        if not self.classes:
-            raise DatasetError(f"imagenet: {folder} has no class folders (expected {folder}/<wnid>/*.JPEG)")
-        index = {c: i for i, c in enumerate(self.classes)}
+        found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        if not found:
+            raise DatasetError(f"{name}: {folder} has no class folders (expected {folder}/<class>/*.JPEG)")
+        if class_to_idx is None:
+            class_to_idx = {c: i for i, c in enumerate(found)}
+        unknown = [c for c in found if c not in class_to_idx]
+        if unknown:
+            raise DatasetError(f"{name}: {folder} has class folders the training split does not have: "
+                               f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        self.class_to_idx = class_to_idx
+        self.classes = sorted(class_to_idx, key=class_to_idx.get)
+        self.missing_classes = [c for c in self.classes if c not in set(found)]
         self.samples = [
-            (p, index[c]) for c in self.classes for p in sorted((folder / c).iterdir()) if p.suffix.lower() in EXTENSIONS
+            (p, class_to_idx[c]) for c in found for p in sorted((folder / c).iterdir()) if p.suffix.lower() in EXTENSIONS
         ]
         if not self.samples:
-            raise DatasetError(f"imagenet: no images ({', '.join(EXTENSIONS)}) under {folder}")
+            raise DatasetError(f"{name}: no images ({', '.join(EXTENSIONS)}) under {folder}")
         if subset is not None:
             keep = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(0))[:subset]
             self.samples = [self.samples[i] for i in sorted(keep.tolist())]
@@ -85,7 +103,7 @@ class ImageFolder(Dataset):
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except OSError as e:
-            raise DatasetError(f"imagenet: cannot decode {path} ({e})") from None
+            raise DatasetError(f"cannot decode image {path} ({e})") from None
         if self.train:
             left, top, w, h = random_resized_crop_box(img.width, img.height, self.rng)
             img = img.resize((self.image_size, self.image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
@@ -109,6 +127,7 @@ class HostLoader:
 
     def __init__(self, loader: DataLoader, sampler, device, mean, std, channels_last: bool = False, seed: int = 0):
         self.loader, self.sampler, self.device, self.seed = loader, sampler, torch.device(device), seed
+        self.dataset = loader.dataset
         self.normalize = Normalize(mean, std, self.device, channels_last)
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,9 +149,13 @@ class HostLoader:
             yield self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 
 
-def imagenet_loader(root, train: bool, batch_size: int, *, workers: int, device, mean, std, seed: int,
-                    rank: int = 0, world_size: int = 1, subset: int | None = None, channels_last: bool = False) -> HostLoader:
-    dataset = ImageFolder(root, "train" if train else "val", train, subset=subset)
+def imagefolder_loader(root, train: bool, batch_size: int, *, workers: int, device, mean, std, seed: int,
+                       rank: int = 0, world_size: int = 1, subset: int | None = None, channels_last: bool = False,
+                       image_size: int = 224, resize: int = 256, class_to_idx: dict[str, int] | None = None,
+                       name: str = "imagefolder") -> HostLoader:
+    """A loader over ``root/train`` or ``root/val``; its ``dataset`` has ``classes`` and ``class_to_idx``."""
+    dataset = ImageFolder(root, "train" if train else "val", train, image_size=image_size, resize=resize, subset=subset,
+                          class_to_idx=class_to_idx, name=name)
     sampler = None
     if world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
