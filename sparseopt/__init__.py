@@ -25,8 +25,20 @@ from .masks import (
     sparse_init_,
     sparsify,
 )
+from .models import MODELS
 from .optim import HAM, OptimizerWrapper, SparseOpt, ham_update_, neuron_scales
-from .topology import SET, DSTUpdater, RigL, Static, drop_fraction, prune_and_grow, zero_state_
+from .registry import Registry
+from .topology import (
+    DST_METHODS,
+    PRUNE_SCORES,
+    SET,
+    DSTUpdater,
+    RigL,
+    Static,
+    drop_fraction,
+    prune_and_grow,
+    zero_state_,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +50,10 @@ def sparsity_stats(masks: MaskSet) -> dict[str, float]:
 
 __all__ = [
     "DISTRIBUTIONS",
+    "DST_METHODS",
+    "MODELS",
+    "PRUNE_SCORES",
+    "Registry",
     "DSTUpdater",
     "HAM",
     "MaskSet",

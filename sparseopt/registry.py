@@ -39,6 +39,10 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a test or a plugin that is done with it)."""
+        self._items.pop(name, None)
+
     def __getitem__(self, name: str) -> T:
         try:
             return self._items[name]

@@ -265,3 +265,36 @@ def test_normalized_layers_on_resnet20():
     model(torch.randn(2, 3, 32, 32))
     convs = [n for n in masks.names if n != "fc"]
     assert opt.preconditioned_layers == convs and len(convs) == 21  # 19 convs + 2 projection shortcuts
+
+
+def test_wrappers_copy_and_pickle_like_torch_optimizers():
+    import copy
+    import pickle
+
+    model, masks, opt = _sgd_model(layers="normalized")
+    _backward(model)
+    opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert type(clone) is sparseopt.SparseOpt and clone.preconditioned_layers == ["conv1", "conv2"]
+        # one consistent copy: the copied optimizer holds the copied model's weights
+        assert clone.base.param_groups[0]["params"][0] is clone.masks.weights[0]
+        before = [w.clone() for w in masks.weights]
+        _backward(clone.masks.model, seed=1)
+        clone.step()
+        assert all(torch.equal(a, b) for a, b in zip(before, masks.weights))  # the original is untouched
+        assert all(torch.count_nonzero(w * ~m) == 0 for w, m in zip(clone.masks.weights, clone.masks.masks))
+    ham = sparseopt.HAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert type(copy.deepcopy(ham).base) is torch.optim.SGD
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run():
+    model, masks, opt = _sgd_model()
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("load-pre", sd.get("extra"))))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    state = opt.state_dict()
+    assert state["extra"] == 1 and calls == ["pre"]
+    opt.load_state_dict(state)
+    assert calls == ["pre", ("load-pre", 1), "load-post"]

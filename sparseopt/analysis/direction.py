@@ -20,10 +20,10 @@ from torch import nn
 
 from ..train.build import build_run, make_model
 from ..train.config import TrainConfig
+from ..train.data import make_loaders
 from ..train.distributed import DistEnv
 from ..train.io import write_json
 from ..train.schedule import peak_lr, warmup_cosine_scheduler
-from ..train.data import make_loaders
 from .figures import pyplot, save_figure, write_csv
 
 METHODS = ("sgd", "sparseopt")

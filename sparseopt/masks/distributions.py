@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-DISTRIBUTIONS = ("uniform", "er", "erk", "custom")
+from ..registry import Registry
 
 Shape = Sequence[int]
 
@@ -98,6 +98,29 @@ def uniform_densities(shapes: Sequence[Shape], sparsity: float) -> list[float]:
     return [1.0 - sparsity] * len(shapes)
 
 
+def _custom_densities(names, shapes, sparsity, *, power_scale=1.0, custom=None) -> list[float]:
+    if custom is None:
+        raise ValueError("distribution='custom' needs a per-layer map {layer name: sparsity}")
+    unknown = sorted(set(custom) - set(names))
+    if unknown:
+        raise ValueError(f"custom sparsity map names unknown layers {unknown}; sparsifiable layers are {list(names)}")
+    missing = [n for n in names if n not in custom]
+    if missing:
+        raise ValueError(f"custom sparsity map is missing layers {missing}; give a sparsity for every layer in {list(names)}")
+    return [1.0 - check_sparsity(custom[n], f"sparsity of layer {n!r}") for n in names]
+
+
+# name -> fn(names, shapes, sparsity, *, power_scale, custom) -> densities. A new distribution is one call:
+# DISTRIBUTIONS.register("mine", fn); it is then a choice of sparsify(), layer_densities() and --distribution.
+DISTRIBUTIONS: Registry = Registry("distribution")
+DISTRIBUTIONS.register("uniform", lambda names, shapes, s, **kw: uniform_densities(shapes, s))
+DISTRIBUTIONS.register("er", lambda names, shapes, s, *, power_scale=1.0, custom=None:
+                       erk_densities(shapes, s, power_scale=power_scale, kernel=False))
+DISTRIBUTIONS.register("erk", lambda names, shapes, s, *, power_scale=1.0, custom=None:
+                       erk_densities(shapes, s, power_scale=power_scale, kernel=True))
+DISTRIBUTIONS.register("custom", _custom_densities)
+
+
 def layer_densities(
     names: Sequence[str],
     shapes: Sequence[Shape],
@@ -107,22 +130,8 @@ def layer_densities(
     power_scale: float = 1.0,
     custom: Mapping[str, float] | None = None,
 ) -> list[float]:
-    """Dispatch to a named distribution. ``custom`` maps every layer name to its sparsity."""
-    if distribution == "uniform":
-        return uniform_densities(shapes, sparsity)
-    if distribution in ("erk", "er"):
-        return erk_densities(shapes, sparsity, power_scale=power_scale, kernel=distribution == "erk")
-    if distribution == "custom":
-        if custom is None:
-            raise ValueError("distribution='custom' needs a per-layer map {layer name: sparsity}")
-        unknown = sorted(set(custom) - set(names))
-        if unknown:
-            raise ValueError(f"custom sparsity map names unknown layers {unknown}; sparsifiable layers are {list(names)}")
-        missing = [n for n in names if n not in custom]
-        if missing:
-            raise ValueError(f"custom sparsity map is missing layers {missing}; give a sparsity for every layer in {list(names)}")
-        return [1.0 - check_sparsity(custom[n], f"sparsity of layer {n!r}") for n in names]
-    raise ValueError(f"unknown distribution {distribution!r}; choose one of {list(DISTRIBUTIONS)}")
+    """Dispatch to a registered distribution. ``custom`` maps every layer name to its sparsity."""
+    return DISTRIBUTIONS[distribution](names, shapes, sparsity, power_scale=power_scale, custom=custom)
 
 
 def active_counts(numels: Sequence[int], densities: Sequence[float], *, exact_total: bool = True) -> list[int]:

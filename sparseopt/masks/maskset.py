@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,25 +20,73 @@ from torch import nn
 from .distributions import active_counts, check_sparsity, layer_densities
 from .neurons import fan_in, neuron_shape, neuron_sparsity
 
+logger = logging.getLogger("sparseopt")
+
 MASK_BUFFER = "weight_mask"
 SPARSIFIABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Attention projections that are parameters of nn.MultiheadAttention itself (its out_proj is a Linear).
+ATTENTION_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 INITS = ("dense", "sparse")
 
 
 @dataclass(frozen=True)
 class MaskedLayer:
-    """One masked weight: the module's qualified name and the module itself."""
+    """One masked weight: its name, the module that owns it and the parameter's name there.
+
+    The name is the module's qualified name for a module's ``weight`` (``"layer1.0.conv1"``)
+    and ``"<module>.<parameter>"`` otherwise (``"encoder.attn.in_proj_weight"``); the
+    mask is the buffer ``<parameter>_mask`` of the same module.
+    """
 
     name: str
     module: nn.Module
+    param: str = "weight"
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        return getattr(self.module, self.param)
+
+    @property
+    def buffer(self) -> str:
+        return f"{self.param}_mask"
+
+    @property
+    def buffer_path(self) -> str:
+        """The mask's key in ``model.state_dict()``."""
+        module_name = self.name if self.param == "weight" else self.name.rsplit(".", 1)[0]
+        return f"{module_name}.{self.buffer}" if module_name else self.buffer
 
     @property
     def mask(self) -> torch.Tensor:
-        return getattr(self.module, MASK_BUFFER)
+        return getattr(self.module, self.buffer)
+
+
+def resolve_weight(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, str] | None:
+    """(module, parameter name) of a masked-weight name, or None when the model has no such weight."""
+    module = modules.get(name)
+    if module is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+        return module, "weight"
+    owner, _, param = name.rpartition(".")
+    module = modules.get(owner)
+    if module is not None and isinstance(getattr(module, param, None), nn.Parameter):
+        return module, param
+    return None
+
+
+def weight_candidates(model: nn.Module, embeddings: bool = False) -> list[tuple[str, nn.Module]]:
+    """Every weight ``sparsify`` may mask, as (name, owning module), in registration order.
+
+    Linear and Conv1d/2d/3d weights; nn.MultiheadAttention's input projections
+    (``in_proj_weight``, or ``q/k/v_proj_weight`` when key and value sizes differ);
+    nn.Embedding tables only with ``embeddings=True``.
+    """
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, SPARSIFIABLE_TYPES) or (embeddings and isinstance(module, nn.Embedding)):
+            out.append((name, module))
+        elif isinstance(module, nn.MultiheadAttention):
+            out += [(f"{name}.{p}" if name else p, module) for p in ATTENTION_PARAMS if getattr(module, p, None) is not None]
+    return out
 
 
 def _matches(name: str, module: nn.Module, selectors: Iterable[str | type]) -> bool:
@@ -56,18 +105,21 @@ def select_layers(
     exclude: Sequence[str | type] = (),
     dense_first: bool = False,
     dense_last: bool = False,
+    embeddings: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs to sparsify, in registration order.
 
-    Candidates are Conv1d/2d/3d and Linear modules (grouped and depthwise conv
-    included). ``include`` keeps only candidates matching a name pattern
-    (fnmatch, e.g. ``"layer3.*"``) or module type; ``exclude`` removes matches.
+    Candidates are the weights of :func:`weight_candidates`: Conv1d/2d/3d and
+    Linear modules (grouped and depthwise conv included), MultiheadAttention's
+    input projections, and Embedding tables when ``embeddings`` is set.
+    ``include`` keeps only candidates matching a name pattern (fnmatch, e.g.
+    ``"layer3.*"``) or module type; ``exclude`` removes matches.
     ``dense_first`` / ``dense_last`` keep the first / last candidate dense.
     A pattern that matches no candidate is an error (it is almost always a typo).
     """
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, SPARSIFIABLE_TYPES)]
+    candidates = weight_candidates(model, embeddings)
     if not candidates:
-        raise ValueError("model has no Linear or Conv1d/2d/3d layer to sparsify")
+        raise ValueError("model has no Linear, Conv1d/2d/3d or MultiheadAttention weight to sparsify")
     for label, selectors in (("include", include or ()), ("exclude", exclude)):
         for sel in selectors:
             if not any(_matches(n, m, [sel]) for n, m in candidates):
@@ -118,20 +170,25 @@ class MaskSet:
         self.version = 0
         self._hooks = []
         for name, mask in masks.items():
-            module = modules.get(name)
-            if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
-                raise ValueError(f"no layer named {name!r} with a weight in the model")
-            if tuple(mask.shape) != tuple(module.weight.shape):
+            found = resolve_weight(modules, name)
+            if found is None:
+                raise ValueError(f"no layer named {name!r} with a weight in the model (nor a parameter of that name)")
+            layer = MaskedLayer(name, *found)
+            weight = layer.weight
+            if tuple(mask.shape) != tuple(weight.shape):
                 raise ValueError(
-                    f"mask for {name!r} has shape {tuple(mask.shape)} but its weight has shape {tuple(module.weight.shape)}"
+                    f"mask for {name!r} has shape {tuple(mask.shape)} but its weight has shape {tuple(weight.shape)}"
                 )
-            if hasattr(module, MASK_BUFFER):
-                raise ValueError(f"layer {name!r} already has a {MASK_BUFFER!r}: it is masked by another MaskSet")
-            module.register_buffer(MASK_BUFFER, mask.to(device=module.weight.device, dtype=torch.bool).clone())
-            # Loading the model's state_dict overwrites the mask buffers in place:
-            # bump the version so cached per-mask quantities are recomputed.
-            self._hooks.append(module.register_load_state_dict_post_hook(self._on_model_load))
-            self.layers.append(MaskedLayer(name, module))
+            if weight.dim() < 2:
+                raise ValueError(f"{name!r} has a {weight.dim()}-D weight; masks are for (out, in, ...) weights")
+            if hasattr(layer.module, layer.buffer):
+                raise ValueError(f"layer {name!r} already has a {layer.buffer!r}: it is masked by another MaskSet")
+            layer.module.register_buffer(layer.buffer, mask.to(device=weight.device, dtype=torch.bool).clone())
+            if not any(other.module is layer.module for other in self.layers):
+                # Loading the model's state_dict overwrites the mask buffers in place:
+                # bump the version so cached per-mask quantities are recomputed.
+                self._hooks.append(layer.module.register_load_state_dict_post_hook(self._on_model_load))
+            self.layers.append(layer)
         if not self.layers:
             raise ValueError("a MaskSet needs at least one mask")
         # ITOP: union over time of all masks (Liu et al. 2021).
@@ -144,7 +201,9 @@ class MaskSet:
     @torch.no_grad()
     def _on_model_load(self, module, incompatible_keys) -> None:
         # Whatever was loaded (a dense checkpoint with strict=False, say), masked weights are zero again.
-        module.weight.mul_(getattr(module, MASK_BUFFER))
+        for layer in self.layers:
+            if layer.module is module:
+                layer.weight.mul_(layer.mask)
         self.mark_changed(update_itop=False)
 
     # -- access -----------------------------------------------------------------
@@ -189,6 +248,18 @@ class MaskSet:
 
     def sparsity(self) -> float:
         return 1.0 - self.density()
+
+    def unmasked_weights(self) -> list[tuple[str, int]]:
+        """(name, size) of the model's parameters with 2+ dims that no mask covers: what stays dense."""
+        masked = {id(layer.weight) for layer in self}
+        return [(n, p.numel()) for n, p in self.model.named_parameters() if p.dim() >= 2 and id(p) not in masked]
+
+    def model_density(self) -> float:
+        """Density over every parameter of the model (biases, norms and unmasked weights count as dense)."""
+        masked = {id(layer.weight) for layer in self}
+        total = sum(p.numel() for p in self.model.parameters())
+        dense = sum(p.numel() for p in self.model.parameters() if id(p) not in masked)
+        return (dense + sum(self.num_active())) / total
 
     # -- enforcing the masks ----------------------------------------------------
     @torch.no_grad()
@@ -240,7 +311,7 @@ class MaskSet:
         Keys: ``density``, ``itop``, ``density/<layer>``, ``itop/<layer>``,
         ``neuron_sparsity/<layer>/{min,mean,max,std}``. Rates are fractions in [0, 1].
         """
-        out: dict[str, float] = {"density": self.density(), "itop": self.itop_rate()}
+        out: dict[str, float] = {"density": self.density(), "density_model": self.model_density(), "itop": self.itop_rate()}
         itop = self.itop_rates()
         for layer in self.layers:
             s = neuron_sparsity(layer.mask)
@@ -290,7 +361,7 @@ class MaskSet:
         for hook in self._hooks:
             hook.remove()
         for layer in self.layers:
-            delattr(layer.module, MASK_BUFFER)
+            delattr(layer.module, layer.buffer)
         self.layers = []
 
 
@@ -321,6 +392,7 @@ def sparsify(
     custom: Mapping[str, float] | None = None,
     init: str = "dense",
     generator: torch.Generator | None = None,
+    embeddings: bool = False,
 ) -> MaskSet:
     """Mask a model's Conv/Linear weights at global ``sparsity`` with random masks.
 
@@ -335,6 +407,7 @@ def sparsify(
         init: ``"dense"`` keeps the model's init and masks it (default, as RigL);
             ``"sparse"`` re-draws active weights with the per-neuron fan-in (Evci et al. 2022).
         generator: seeds the random masks (and sparse init); ``None`` uses torch's global RNG.
+        embeddings: also mask nn.Embedding tables (off by default: rows of an embedding are not neurons).
 
     Returns:
         the :class:`MaskSet`; the global number of active weights is
@@ -344,16 +417,20 @@ def sparsify(
     sparsity = check_sparsity(sparsity)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}")
-    chosen = select_layers(model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last)
+    chosen = select_layers(model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last,
+                           embeddings=embeddings)
+    modules = dict(model.named_modules())
     names = [n for n, _ in chosen]
-    shapes = [tuple(m.weight.shape) for _, m in chosen]
+    weights = [getattr(*resolve_weight(modules, n)) for n in names]
+    shapes = [tuple(w.shape) for w in weights]
     densities = layer_densities(names, shapes, sparsity, distribution, power_scale=power_scale, custom=custom)
-    counts = active_counts([m.weight.numel() for _, m in chosen], densities, exact_total=distribution != "custom")
-    masks = {
-        name: random_mask(module.weight.shape, count, generator, module.weight.device)
-        for (name, module), count in zip(chosen, counts)
-    }
+    counts = active_counts([w.numel() for w in weights], densities, exact_total=distribution != "custom")
+    masks = {name: random_mask(w.shape, count, generator, w.device) for name, w, count in zip(names, weights, counts)}
     mask_set = MaskSet(model, masks)
     if init == "sparse":
         sparse_init_(mask_set, generator=generator)
+    dense = mask_set.unmasked_weights()
+    if dense:
+        logger.info("sparsify: %d weights stay dense (%s); density %.4f over the masked weights, %.4f over the model",
+                    len(dense), ", ".join(f"{n} ({k})" for n, k in dense), mask_set.density(), mask_set.model_density())
     return mask_set

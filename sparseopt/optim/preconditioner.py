@@ -26,9 +26,8 @@ def neuron_scales(mask: torch.Tensor) -> torch.Tensor:
     """
     n = fan_in(mask).to(torch.float32)
     n_avg = n.mean()
-    if n_avg <= 0:
-        return torch.zeros_like(n)
-    return torch.sqrt(n / n_avg)
+    # No data-dependent branch (no host synchronisation; works on any device, meta included).
+    return torch.where(n_avg > 0, torch.sqrt(n / n_avg.clamp_min(1e-30)), torch.zeros_like(n))
 
 
 def bn_scales(running_var: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -41,12 +40,9 @@ def bn_scales(running_var: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     agree at initialisation; zero for a neuron with no active weight.
     """
     var = running_var.detach().to(torch.float32).clamp_min(0.0)
-    live = fan_in(mask) > 0
-    var = var * live
+    var = var * (fan_in(mask) > 0)
     mean = var.mean()
-    if mean <= 0:
-        return torch.zeros_like(var)
-    return torch.sqrt(var / mean)
+    return torch.where(mean > 0, torch.sqrt(var / mean.clamp_min(1e-30)), torch.zeros_like(var))
 
 
 def smooth_scales(previous: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:

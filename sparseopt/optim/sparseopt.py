@@ -81,6 +81,16 @@ class NormalizedLayerFinder:
         self._handles = []
 
 
+class DetectedLayers:
+    """What a finished :class:`NormalizedLayerFinder` found, without its hooks (for copies and pickles)."""
+
+    def __init__(self, found: list[str], norms: dict[str, nn.Module]):
+        self.found, self.norms = found, norms
+
+    def close(self) -> None:
+        pass
+
+
 class SparseOpt(OptimizerWrapper):
     """Wrap ``base`` so that it trains the sparse model of ``masks`` (optionally preconditioned).
 
@@ -300,6 +310,13 @@ class SparseOpt(OptimizerWrapper):
                     torch._foreach_add_(grads, params, alpha=wd)
                 group["weight_decay"] = 0.0
         return saved
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The finder's forward hooks cannot be copied: keep what it found (copies then need no forward pass).
+        state = super().__getstate__()
+        finder = state.pop("_finder", None)
+        state["_finder"] = None if finder is None or finder.found is None else DetectedLayers(finder.found, finder.norms)
+        return state
 
     # -- checkpoints ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

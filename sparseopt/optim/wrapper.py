@@ -92,9 +92,34 @@ class OptimizerWrapper(Optimizer):
         pass
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"base": self.base.state_dict(), "wrapper": {"type": type(self).__name__, **self.wrapper_state()}}
+        # torch.optim's hook contract: pre hooks see the optimizer, post hooks may replace the dict.
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = {"base": self.base.state_dict(), "wrapper": {"type": type(self).__name__, **self.wrapper_state()}}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state)
+            if result is not None:
+                state = result
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # -- copy and pickle like a torch optimizer (torch.optim.Optimizer keeps only defaults, state, groups) --------
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
         if "base" not in state_dict or "wrapper" not in state_dict:
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict expects {{'base': ..., 'wrapper': ...}} "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..masks.neurons import fan_in, neuron_shape
+from ..registry import Registry
 
 
 def magnitude_score(weight: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,4 +44,9 @@ def normalized_score(weight: torch.Tensor, mask: torch.Tensor, scale: torch.Tens
     return weight.abs() / rms
 
 
-PRUNE_SCORES = {"magnitude": magnitude_score, "scaled": scaled_score, "normalized": normalized_score}
+# name -> fn(weight, mask, scale) -> score. A new pruning criterion is one call, PRUNE_SCORES.register("mine", fn);
+# it is then a choice of RigL/SET(prune_score=...) and --prune-score.
+PRUNE_SCORES: Registry = Registry("prune score")
+PRUNE_SCORES.register("magnitude", magnitude_score)
+PRUNE_SCORES.register("scaled", scaled_score)
+PRUNE_SCORES.register("normalized", normalized_score)

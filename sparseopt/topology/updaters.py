@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from ..masks.maskset import MaskedLayer, MaskSet
 from ..masks.neurons import neuron_shape
+from ..registry import Registry
 from .optim_state import zero_state_
 from .schedule import drop_fraction, is_update_step
 from .scores import PRUNE_SCORES
@@ -324,3 +325,12 @@ class RigL(DSTUpdater):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "growth_gradient": self.growth_gradient}
+
+
+# name -> updater class. A new DST method is one call (``@DST_METHODS.register("mine")`` on a DSTUpdater
+# subclass that defines grow_scores); it is then a choice of --dst. The CLI passes the DSTUpdater keywords
+# and, where the class takes them, ``seed`` and ``growth_gradient``.
+DST_METHODS: Registry = Registry("DST method")
+DST_METHODS.register("static", Static)
+DST_METHODS.register("set", SET)
+DST_METHODS.register("rigl", RigL)

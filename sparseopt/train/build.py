@@ -10,6 +10,7 @@ plain magnitude pruning for the baseline, whose ``c_i`` are 1). Dense runs have 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from ..data import DATASETS, FOLDER_DATASETS
 from ..masks.maskset import MaskSet, sparsify
 from ..models import build_model
 from ..optim import HAM, SparseOpt
-from ..topology import SET, RigL, Static
+from ..topology import DST_METHODS, Static
 from .config import TrainConfig
 
 
@@ -93,16 +94,18 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
         max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay, scale_source=cfg.scale_source,
         scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
     )
-    if cfg.dst == "static":
-        topology: Static = Static(masks, optimizer)
+    updater = DST_METHODS[cfg.dst]
+    if not updater.dynamic:
+        topology: Static = updater(masks, optimizer)
     else:
-        common = dict(
+        kwargs = dict(
             delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
             total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
             skip_update=cfg.skip_update, prune_score=method["prune_score"],
         )
-        if cfg.dst == "set":
-            topology = SET(masks, optimizer, seed=cfg.seed, **common)
-        else:
-            topology = RigL(masks, optimizer, growth_gradient=cfg.growth_grad, **common)
+        accepted = inspect.signature(updater).parameters
+        for key, value in (("seed", cfg.seed), ("growth_gradient", cfg.growth_grad)):
+            if key in accepted:
+                kwargs[key] = value
+        topology = updater(masks, optimizer, **kwargs)
     return RunObjects(model, masks, optimizer, topology)

@@ -21,7 +21,6 @@ from ..masks.distributions import DISTRIBUTIONS
 from ..optim.sparseopt import SCALE_SOURCES
 from ..topology.scores import PRUNE_SCORES
 
-DST_METHODS = ("dense", "static", "set", "rigl")
 OPTIMIZERS = ("sgd", "sparseopt", "sparseopt_paper")
 
 
@@ -229,9 +228,10 @@ def field_choices() -> dict[str, list[str]]:
     """The allowed values of every config key that takes one of a fixed set (validation and ``--help``)."""
     from ..data import DATASETS
     from ..models import MODELS
+    from ..topology import DST_METHODS
 
     return {
-        "dataset": list(DATASETS), "model": list(MODELS), "dst": list(DST_METHODS), "optimizer": list(OPTIMIZERS),
+        "dataset": list(DATASETS), "model": MODELS.names(), "dst": ["dense", *DST_METHODS], "optimizer": list(OPTIMIZERS),
         "distribution": [d for d in DISTRIBUTIONS if d != "custom"], "init": ["dense", "sparse"],
         "growth_grad": ["original", "corrected"], "precondition_layers": ["auto", "normalized", "all"],
         "prune_score": ["auto", *PRUNE_SCORES], "scale_source": list(SCALE_SOURCES), "shortcut": ["A", "B"],

@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import DATASETS, FOLDER_DATASETS, DatasetError, DeviceLoader, download_dataset, imagefolder_loader, load_tensors, subset
+from ..data import (
+    DATASETS,
+    FOLDER_DATASETS,
+    DatasetError,
+    DeviceLoader,
+    download_dataset,
+    imagefolder_loader,
+    load_tensors,
+    subset,
+)
 from .config import TrainConfig
 from .distributed import DistEnv
 

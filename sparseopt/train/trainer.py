@@ -209,7 +209,7 @@ class Trainer:
 
             if self.masks is not None:
                 # Masks are identical by construction: no need to broadcast them every forward.
-                ignore = [f"{name}.weight_mask" for name in self.masks.names]
+                ignore = [layer.buffer_path for layer in self.masks]
                 DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
             self.forward_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
@@ -449,7 +449,11 @@ class Trainer:
         try:
             if self.epoch == 0 and self.masks is not None:
                 self.log(f"masks: {len(self.masks)} layers, density {self.masks.density():.4f} "
-                         f"({sum(self.masks.num_active())}/{self.masks.total} weights), dst={cfg.dst}, optimizer={cfg.optimizer}")
+                         f"({sum(self.masks.num_active())}/{self.masks.total} weights; {self.masks.model_density():.4f} "
+                         f"over all parameters), dst={cfg.dst}, optimizer={cfg.optimizer}")
+                dense = self.masks.unmasked_weights()
+                if dense:
+                    self.log("dense (not masked): " + ", ".join(f"{n} ({k})" for n, k in dense))
             while self.epoch < cfg.epochs:
                 progress = Progress(self.steps_per_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
                                     enabled=self.env.is_main and not cfg.quiet)
