@@ -222,3 +222,19 @@ def test_readme_library_snippet_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     stats = proc.stdout
     assert "'density': 0.1" in stats and "itop" in stats
+
+
+def test_batch_rescaled_delta_t_that_never_fires_is_warned(tmp_path, capsys, monkeypatch):
+    # delta_t given at batch 4096 (the ImageNet recipe), run at batch 128: the default job's 20 becomes 640 steps
+    assert main(["train", "--delta-t-batch", "4096", "--epochs", "1", "--train-subset", "1024", "--quiet",
+                 "--no-compare-optimizers", "--out", str(tmp_path / "r")]) == 0
+    assert "WARNING: rigl never updates the topology: delta_t = 640 steps" in capsys.readouterr().out
+    from sparseopt.train.data import default_workers
+    from sparseopt.train.distributed import DistEnv
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_workers(DistEnv(0, 2, 0)) == 7  # 16 CPUs over 2 local ranks, one left for the rank itself
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_workers(DistEnv()) == 1
