@@ -189,3 +189,45 @@ def test_extensions_are_one_register_call_each(tmp_path):
         for registry, name in ((sparseopt.DST_METHODS, "grow_smallest"), (sparseopt.DISTRIBUTIONS, "erk_squared"),
                                (sparseopt.PRUNE_SCORES, "random_order")):
             registry.unregister(name)
+
+
+def test_compiled_model_trains_like_eager_across_topology_updates():
+    def run(compiled):
+        torch.manual_seed(0)
+        model = SmallConvNet()
+        masks, opt, rigl = _rigl(model)
+        forward = torch.compile(model) if compiled else model
+        for x, y in batches(6):
+            opt.zero_grad()
+            nn.functional.cross_entropy(forward(x), y).backward()
+            rigl.step()
+            opt.step()
+        return model, masks, rigl, opt
+
+    eager, eager_masks, eager_rigl, _ = run(False)
+    compiled, masks, rigl, opt = run(True)
+    assert rigl.num_updates == eager_rigl.num_updates == 2
+    for a, b in zip(eager_masks.masks, masks.masks):
+        assert torch.equal(a, b)  # the same topology: masks are buffers the compiled graph reads in place
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_multipliers_keep_their_storage_across_mask_updates():
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    masks, opt, rigl = _rigl(model)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = {k: v.data_ptr() for k, v in opt._multipliers.items()}
+    values = {k: v.clone() for k, v in opt._multipliers.items()}
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    rigl.update(0.3)
+    opt.step()  # the update step itself is skipped (reference RigL)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert {k: v.data_ptr() for k, v in opt._multipliers.items()} == before  # updated in place (CUDA graphs)
+    assert any(not torch.equal(values[k], v) for k, v in opt._multipliers.items())  # with the new masks' values

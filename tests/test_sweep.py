@@ -109,3 +109,16 @@ def test_submitit_local_executor(tmp_path):
     for name in result["runs"]:
         assert json.loads((out / name / "results.json").read_text())["status"] == "completed"
     assert (out / ".sweep" / "submitit").is_dir()
+
+
+def test_submitit_packs_runs_per_gpu(tmp_path):
+    pytest.importorskip("submitit", reason="submitit is an optional dependency (pip install submitit)")
+    sweep = write_sweep(tmp_path, grid={"sparsity": [0.9]}, variants=[{"optimizer": "sgd"}, {"optimizer": "sparseopt"}],
+                        seeds=[0], slurm={"timeout_min": 10, "cpus_per_task": 2})
+    out = tmp_path / "packed"
+    result = run_sweep(load_sweep(sweep), out, launcher="submitit", cluster="local", per_device=2)
+    assert result["codes"] == {name: 0 for name in result["runs"]}
+    jobs = [p for p in (out / ".sweep" / "submitit").iterdir() if p.name != "%j"]
+    assert len(jobs) == 1  # one job holds both runs
+    for name in result["runs"]:
+        assert json.loads((out / name / "results.json").read_text())["status"] == "completed"

@@ -143,7 +143,8 @@ def cmd_sweep(argv: list[str]) -> int:
     p.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
     p.add_argument("--gpus", nargs="+", help="local: GPU ids to run on (sets CUDA_VISIBLE_DEVICES per run)")
     p.add_argument("--per-device", type=int, default=1, metavar="N",
-                   help="runs at once on each GPU of --gpus (small models leave a GPU mostly idle; default 1)")
+                   help="runs at once on each GPU: local, on each GPU of --gpus; submitit, packed into each one-GPU job "
+                        "(small models leave a GPU mostly idle; default 1)")
     p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="submitit executor (default: slurm when available)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run, e.g. data_dir=~/data")
     p.add_argument("--dry-run", action="store_true", help="list the runs and what would happen to each")

@@ -248,12 +248,14 @@ class SparseOpt(OptimizerWrapper):
             ]
         self._scales = target
         grown = self.masks.grown_on_device() if self.undamped_growth else None
-        self._multipliers = {
-            id(layer.weight): gradient_multiplier(
-                layer.mask, c, layer.weight.dtype, None if (grown is None or c is None) else grown[i]
-            )
-            for i, (layer, c) in enumerate(zip(self.masks, target))
-        }
+        multipliers = {}
+        for i, (layer, c) in enumerate(zip(self.masks, target)):
+            new = gradient_multiplier(layer.mask, c, layer.weight.dtype, None if (grown is None or c is None) else grown[i])
+            old = self._multipliers.get(id(layer.weight))
+            if old is not None and old.shape == new.shape and old.dtype == new.dtype and old.device == new.device:
+                new = old.copy_(new)  # the same storage: a captured (CUDA-graph) step sees the new values
+            multipliers[id(layer.weight)] = new
+        self._multipliers = multipliers
         self._cache_key = key
 
     # -- the step -----------------------------------------------------------------------

@@ -144,8 +144,21 @@ def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None =
     return codes
 
 
-def run_submitit(actions, out: Path, spec: SweepSpec, cluster: str | None = None, wait: bool = True) -> dict[str, Any]:
-    """Submit every pending run as a submitit job (SLURM on a cluster, subprocesses with ``cluster="local"``)."""
+def train_bundle(config_paths: list[str], threads: int) -> list[int]:
+    """Entry point of a submitit job that packs several runs onto its one GPU: each a ``sparseopt train``
+    subprocess, all at once, each with ``threads`` CPU threads. Returns their exit codes."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen([sys.executable, "-m", "sparseopt", "train", "--config", path], env=env)
+             for path in config_paths]
+    return [proc.wait() for proc in procs]
+
+
+def run_submitit(actions, out: Path, spec: SweepSpec, cluster: str | None = None, wait: bool = True,
+                 per_device: int = 1) -> dict[str, Any]:
+    """Submit every pending run as a submitit job (SLURM on a cluster, subprocesses with ``cluster="local"``).
+
+    ``per_device > 1`` packs that many runs into each single-GPU job (:func:`train_bundle`).
+    """
     try:
         import submitit
     except ImportError:
@@ -156,12 +169,16 @@ def run_submitit(actions, out: Path, spec: SweepSpec, cluster: str | None = None
         params.setdefault("tasks_per_node", spec.nproc_per_run)
         params.setdefault("gpus_per_node", spec.nproc_per_run)
     executor.update_parameters(**params)
+    pending = [(run, action) for run, action in actions if action in ("start", "resume")]
+    if per_device > 1:
+        if spec.nproc_per_run > 1:
+            raise ValueError("per_device > 1 packs single-process runs onto one GPU; it cannot be combined with nproc_per_run")
+        return _submit_bundles(executor, pending, out, per_device, spec, wait)
     jobs = {}
-    for run, action in actions:
-        if action in ("start", "resume"):
-            cfg = run_config(run, action)
-            jobs[run.name] = executor.submit(train_in_process, cfg.to_dict(), spec.nproc_per_run > 1)
-            print(f"[sweep] submitted {run.name} ({action}) as job {jobs[run.name].job_id}", flush=True)
+    for run, action in pending:
+        cfg = run_config(run, action)
+        jobs[run.name] = executor.submit(train_in_process, cfg.to_dict(), spec.nproc_per_run > 1)
+        print(f"[sweep] submitted {run.name} ({action}) as job {jobs[run.name].job_id}", flush=True)
     if not wait:
         return {name: job.job_id for name, job in jobs.items()}
     results = {}
@@ -172,6 +189,35 @@ def run_submitit(actions, out: Path, spec: SweepSpec, cluster: str | None = None
         except Exception as e:  # the job's own error is in its log folder
             print(f"[sweep] FAILED {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
             results[name] = 1
+    return results
+
+
+def _submit_bundles(executor, pending, out: Path, per_device: int, spec: SweepSpec, wait: bool) -> dict[str, Any]:
+    configs = out / ".sweep" / "configs"
+    bundles = [pending[i:i + per_device] for i in range(0, len(pending), per_device)]
+    threads = threads_per_run(per_device, int(spec.slurm.get("cpus_per_task", os.cpu_count() or 1)))
+    jobs = []
+    for bundle in bundles:
+        paths = []
+        for run, action in bundle:
+            cfg = run_config(run, action)
+            path = configs / f"{run.name}.yaml"
+            atomic_write(path, lambda f, c=cfg: f.write(yaml.safe_dump(c.to_dict(), sort_keys=False).encode()))
+            paths.append(str(path))
+        job = executor.submit(train_bundle, paths, threads)
+        names = [run.name for run, _ in bundle]
+        print(f"[sweep] submitted {len(names)} runs as job {job.job_id} (one GPU): {', '.join(names)}", flush=True)
+        jobs.append((names, job))
+    if not wait:
+        return {name: job.job_id for names, job in jobs for name in names}
+    results = {}
+    for names, job in jobs:
+        try:
+            codes = job.result()
+        except Exception as e:
+            print(f"[sweep] FAILED job {job.job_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
+            codes = [1] * len(names)
+        results.update(zip(names, codes))
     return results
 
 
@@ -195,7 +241,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, overrides: dict[str, Any] | N
         codes = run_local(actions, out, parallel=parallel, gpus=gpus, per_device=per_device,
                           nproc_per_run=spec.nproc_per_run)
     elif launcher == "submitit":
-        codes = run_submitit(actions, out, spec, cluster=cluster, wait=wait)
+        codes = run_submitit(actions, out, spec, cluster=cluster, wait=wait, per_device=per_device)
     else:
         raise ValueError(f"unknown launcher {launcher!r}; choose local or submitit")
     return {"runs": [r.name for r in runs], "actions": {r.name: a for r, a in actions}, "codes": codes}

@@ -141,6 +141,8 @@ class TrainConfig:
     """channels-last memory format (GPU speed option; ignored on CPU)"""
     compile: bool = False
     """torch.compile the model (GPU speed option; ignored on CPU)"""
+    compile_mode: str = "default"
+    """torch.compile mode: reduce-overhead captures the step in CUDA graphs (small, launch-bound models)"""
     cudnn_benchmark: bool = True
     """let cuDNN pick the fastest convolution algorithms"""
     sync_bn: bool = False
@@ -235,7 +237,7 @@ def field_choices() -> dict[str, list[str]]:
         "distribution": [d for d in DISTRIBUTIONS if d != "custom"], "init": ["dense", "sparse"],
         "growth_grad": ["original", "corrected"], "precondition_layers": ["auto", "normalized", "all"],
         "prune_score": ["auto", *PRUNE_SCORES], "scale_source": list(SCALE_SOURCES), "shortcut": ["A", "B"],
-        "mlp_norm": ["none", "batchnorm", "layernorm"],
+        "mlp_norm": ["none", "batchnorm", "layernorm"], "compile_mode": ["default", "reduce-overhead", "max-autotune"],
     }
 
 

@@ -48,7 +48,7 @@ from .schedule import peak_lr, warmup_cosine_scheduler
 
 # Keys that may change between a run and its resume; every other key must match the checkpoint.
 RESUMABLE_KEYS = {"out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download",
-                  "compile", "device", "eval_batch_size", "check_masks", "compare_optimizers", "monitor"}
+                  "compile", "compile_mode", "device", "eval_batch_size", "check_masks", "compare_optimizers", "monitor"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -213,7 +213,8 @@ class Trainer:
                 DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
             self.forward_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            self.forward_model = torch.compile(self.forward_model)
+            # Masks are buffers updated in place, so topology updates do not force a recompilation.
+            self.forward_model = torch.compile(self.forward_model, mode=cfg.compile_mode)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.epoch = 0
         self.step = 0
