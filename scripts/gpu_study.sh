@@ -44,4 +44,10 @@ if [ -n "${BENCH_UNTIL:-}" ] && [ "$SECONDS" -lt $((BENCH_UNTIL - 60)) ]; then
       --memory-steps 0 >> "$OUT/sweep.log" 2>&1
   done
 fi
+# Runs-per-GPU and compiled-step throughput (issue 13) when BENCH_RUNS is set, also into sweep.log.
+if [ -n "${BENCH_RUNS:-}" ]; then
+  timeout 120 python3 benchmarks/bench_runs_per_gpu.py --runs 1 4 8 --bf16 --channels-last >> "$OUT/sweep.log" 2>&1
+  timeout 120 python3 benchmarks/bench_runs_per_gpu.py --runs 1 --bf16 --channels-last --compile-mode reduce-overhead \
+    >> "$OUT/sweep.log" 2>&1
+fi
 echo "done after ${SECONDS}s"

@@ -44,6 +44,13 @@ def run_config(run: PlannedRun, action: str):
     return dataclasses.replace(run.config, resume=action == "resume", overwrite=action == "start", quiet=True)
 
 
+def write_run_config(run: PlannedRun, action: str, folder: Path) -> Path:
+    """The config file a run's ``sparseopt train --config`` subprocess reads."""
+    cfg = run_config(run, action)
+    path = folder / f"{run.name}.yaml"
+    return atomic_write(path, lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
+
+
 def write_manifest(spec: SweepSpec, out: Path, runs: list[PlannedRun]) -> None:
     write_json(out / "sweep.json", {"name": spec.name, "runs": [r.name for r in runs], "grid": spec.grid,
                                     "variants": spec.variants, "seeds": spec.seeds, "fixed": spec.fixed,
@@ -103,9 +110,7 @@ def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None =
             while todo and free and not stopping:
                 run, action = todo.pop(0)
                 slot = free.pop(0)
-                cfg = run_config(run, action)
-                cfg_path = configs / f"{run.name}.yaml"
-                atomic_write(cfg_path, lambda f, c=cfg: f.write(yaml.safe_dump(c.to_dict(), sort_keys=False).encode()))
+                cfg_path = write_run_config(run, action, configs)
                 cmd = [sys.executable, "-m", "sparseopt", "train", "--config", str(cfg_path)]
                 if nproc_per_run > 1:
                     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_run}",
@@ -200,10 +205,7 @@ def _submit_bundles(executor, pending, out: Path, per_device: int, spec: SweepSp
     for bundle in bundles:
         paths = []
         for run, action in bundle:
-            cfg = run_config(run, action)
-            path = configs / f"{run.name}.yaml"
-            atomic_write(path, lambda f, c=cfg: f.write(yaml.safe_dump(c.to_dict(), sort_keys=False).encode()))
-            paths.append(str(path))
+            paths.append(str(write_run_config(run, action, configs)))
         job = executor.submit(train_bundle, paths, threads)
         names = [run.name for run, _ in bundle]
         print(f"[sweep] submitted {len(names)} runs as job {job.job_id} (one GPU): {', '.join(names)}", flush=True)
