@@ -238,3 +238,34 @@ def test_batch_rescaled_delta_t_that_never_fires_is_warned(tmp_path, capsys, mon
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert default_workers(DistEnv()) == 1
+
+
+def test_sweep_resumes_an_interrupted_run(tmp_path):
+    from sparseopt.sweep.grid import run_state
+
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--out", str(run)]) == 0
+    res = results(run)
+    (run / "results.json").write_text(json.dumps({**res, "status": "interrupted"}))
+    assert run_state(run) == "resumable"  # the sweep runner resumes it from its checkpoint
+    (run / "checkpoint.pt").unlink()
+    assert run_state(run) == "new"  # interrupted before a checkpoint: started again (its own files are cleared)
+
+
+def test_epoch_axes_have_integer_ticks_and_skew_reports_progress(tmp_path):
+    from matplotlib.ticker import MaxNLocator
+
+    from sparseopt.analysis.figures import epoch_axis, pyplot
+    from sparseopt.analysis.skew import mnist_inputs, run_skew
+    from sparseopt.data import load_bundled_mnist
+
+    fig, ax = pyplot().subplots()
+    ax.plot([1, 2, 3], [0.1, 0.2, 0.3])
+    epoch_axis(ax)
+    ticks = ax.get_xticks()
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator) and all(float(t).is_integer() for t in ticks)
+    images, labels = load_bundled_mnist(True)
+    calls = []
+    run_skew(mnist_inputs(images[:512]), labels[:512], tmp_path, norms=("batchnorm",), sparsities=(0.5, 0.9), batches=2,
+             inits=2, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 6) for i in range(1, 7)]  # (2 sparsities + the per-neuron view) x 2 inits

@@ -19,6 +19,13 @@ def pyplot():
     return plt
 
 
+def epoch_axis(ax) -> None:
+    """Integer ticks on an epoch axis (no 2.5 epochs)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     plt = pyplot()
     fig.tight_layout()

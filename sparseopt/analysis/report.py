@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from ..train.io import read_metrics, write_json
-from .figures import pyplot, save_figure, write_csv, write_text
+from .figures import epoch_axis, pyplot, save_figure, write_csv, write_text
 
 # The axes of the paper's tables; runs are grouped by every method key (below), not by these alone.
 GROUP_KEYS = ("dataset", "model", "dst", "optimizer", "ham", "renorm", "growth_grad", "sparsity", "epochs")
@@ -304,12 +304,6 @@ def labelled_groups(records: list[RunRecord]) -> list[tuple[str, list[RunRecord]
     return out
 
 
-def _epoch_axis(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
 def _mean_curve(runs: list[RunRecord], metric: str) -> tuple[list[int], list[float]]:
     epochs = min(len(r.metrics) for r in runs)
     xs, ys = [], []
@@ -329,7 +323,7 @@ def plot_curves(records: list[RunRecord], path: Path) -> None:
             ax.plot(*_mean_curve(runs, metric), color=f"C{i % 10}", label=label)
     for ax, name in zip(axes, ("train accuracy (%)", "test accuracy (%)")):
         ax.set(xlabel="epoch", ylabel=name, title=f"{name} (mean over seeds)")
-        _epoch_axis(ax)
+        epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     save_figure(fig, path)
@@ -370,7 +364,7 @@ def plot_neurons(records: list[RunRecord], path: Path) -> bool:
             ax.set_title(title, fontsize=9)
     for ax in axes.flat:
         ax.set_xlabel("epoch")
-        _epoch_axis(ax)
+        epoch_axis(ax)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=6)
     save_figure(fig, path)

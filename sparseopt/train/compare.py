@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..analysis.figures import pyplot, save_figure, write_text
+from ..analysis.figures import epoch_axis, pyplot, save_figure, write_text
 from .config import TrainConfig
 from .io import read_metrics, write_json
 from .trainer import run_name, train
@@ -40,10 +40,8 @@ def plot_comparison(histories: dict[str, list[dict[str, Any]]], path: Path, titl
         axes[1].plot(epochs, [m["train_loss"] for m in hist], marker="o", color=color, label=name)
     axes[0].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
-    from matplotlib.ticker import MaxNLocator
-
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

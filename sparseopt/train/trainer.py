@@ -188,8 +188,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         data = make_loaders(cfg, self.device, env)
         self.train_loader, self.test_loader, self.num_classes = data.train, data.test, data.num_classes
-        for note in data.notes:
-            self.notes.append(note)
+        self.notes.extend(data.notes)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         model = make_model(cfg, self.num_classes)
@@ -467,6 +466,7 @@ class Trainer:
                 if self.masks is not None:
                     metrics.update(self.masks.stats())
                     metrics["topology_updates"] = self.topology.num_updates
+                    metrics["topology_updates_skipped"] = self.topology.skipped_updates
                     if cfg.monitor:
                         updates, stats = self.monitor_epoch()
                         metrics.update(stats)
@@ -531,6 +531,7 @@ class Trainer:
             out["preconditioned_layers"] = self.optimizer.preconditioned_layers
             out["topology_updates"] = self.topology.num_updates
             out["topology_updates_planned"] = self.planned_updates()
+            out["topology_updates_skipped"] = self.topology.skipped_updates  # non-finite growth scores
         return out
 
     def summary_line(self, m: dict[str, Any]) -> str:
