@@ -46,6 +46,8 @@ def test_shipped_sweeps_expand():
     assert counts["cifar100_set"] == 72
     assert counts["rigl98_cpu_proxy"] == 8 and counts["rigl98_cpu_hypotheses"] == 24
     assert counts["gpu_rigl_cifar10"] == 13  # 4 pairs x 3 seeds + one paper run with its own seed list
+    assert counts["gpu_rigl_cifar10_seeds34"] == 4 and counts["gpu_rigl_cifar10_bn_stats"] == 14
+    assert counts["rigl_cpu_followup"] == 20
 
 
 def test_variant_seeds_and_device_slots():
