@@ -15,6 +15,16 @@ def _rigl(model, **opt_kw):
     return masks, opt, sparseopt.RigL(masks, opt, delta_t=2, t_end=100)
 
 
+def _rigl_with_gradients(**opt_kw):
+    """A SmallConvNet under RigL + SparseOpt with the gradients of one batch, and that batch."""
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    masks, opt, rigl = _rigl(model, **opt_kw)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    return model, masks, opt, rigl, (x, y)
+
+
 def _train(model, masks, opt, rigl, data, dtype=torch.float32):
     for x, y in data:
         opt.zero_grad()
@@ -68,11 +78,7 @@ def test_loading_a_dense_state_dict_reapplies_the_masks():
 
 
 def test_growth_with_non_finite_scores_is_skipped_and_never_shrinks_a_layer():
-    torch.manual_seed(0)
-    model = SmallConvNet()
-    masks, opt, rigl = _rigl(model)
-    x, y = batches(1)[0]
-    nn.functional.cross_entropy(model(x), y).backward()
+    model, masks, opt, rigl, _ = _rigl_with_gradients()
     counts = masks.num_active()
     model.conv2.weight.grad[0, 0] = float("inf")  # an fp16 overflow
     before = [m.clone() for m in masks.masks]
@@ -214,11 +220,7 @@ def test_compiled_model_trains_like_eager_across_topology_updates():
 
 
 def test_multipliers_keep_their_storage_across_mask_updates():
-    torch.manual_seed(0)
-    model = SmallConvNet()
-    masks, opt, rigl = _rigl(model)
-    x, y = batches(1)[0]
-    nn.functional.cross_entropy(model(x), y).backward()
+    model, masks, opt, rigl, (x, y) = _rigl_with_gradients()
     opt.step()
     before = {k: v.data_ptr() for k, v in opt._multipliers.items()}
     values = {k: v.clone() for k, v in opt._multipliers.items()}

@@ -225,3 +225,23 @@ def test_loss_on_batch_leaves_batchnorm_statistics_untouched():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # running mean / var / num_batches_tracked unchanged
+
+
+def test_smoothing_computes_the_fan_in_scale_once_per_mask_change(monkeypatch):
+    import sparseopt.optim.sparseopt as mod
+
+    calls = []
+    real = mod.neuron_scales
+    monkeypatch.setattr(mod, "neuron_scales", lambda mask: calls.append(1) or real(mask))
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    masks = sparseopt.sparsify(model, 0.8, generator=torch.Generator().manual_seed(0))
+    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.01), masks, scale_ema=0.9, layers="all")
+    for x, y in batches(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert len(calls) == len(masks)  # smoothed every step, recomputed from the masks only when they change
+    masks.mark_changed()
+    opt.step()
+    assert len(calls) == 2 * len(masks)

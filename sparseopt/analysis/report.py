@@ -176,13 +176,17 @@ def neuron_summary(runs: list[RunRecord]) -> dict[str, float]:
     return out
 
 
+def _rise(record: dict[str, Any], after: str, before: str) -> float | None:
+    """``record[after] - record[before]``, or None when either is missing."""
+    a, b = record.get(after), record.get(before)
+    return None if a is None or b is None else a - b
+
+
 def _update_value(record: dict[str, Any], key: str) -> float | None:
     if key == "loss_jump":
-        before, after = record.get("loss_before"), record.get("loss_after")
-        return None if before is None or after is None else after - before
+        return _rise(record, "loss_after", "loss_before")
     if key == "loss_window_after":  # the rise of the mean loss over the window after the update
-        before, after = record.get("loss_window_before"), record.get("loss_window_after")
-        return None if before is None or after is None else after - before
+        return _rise(record, "loss_window_after", "loss_window_before")
     return record.get(key)
 
 
@@ -304,11 +308,16 @@ def labelled_groups(records: list[RunRecord]) -> list[tuple[str, list[RunRecord]
     return out
 
 
+# Epoch-line metrics derived from two others (plotted, not stored).
+DERIVED = {"update/loss_jump": lambda m: _rise(m, "update/loss_after", "update/loss_before")}
+
+
 def _mean_curve(runs: list[RunRecord], metric: str) -> tuple[list[int], list[float]]:
+    value = DERIVED.get(metric, lambda m: m.get(metric))
     epochs = min(len(r.metrics) for r in runs)
     xs, ys = [], []
     for e in range(epochs):
-        values = [r.metrics[e][metric] for r in runs if r.metrics[e].get(metric) is not None]
+        values = [v for v in (value(r.metrics[e]) for r in runs) if v is not None]
         if values:
             xs.append(e + 1)
             ys.append(sum(values) / len(values))
@@ -352,11 +361,6 @@ def plot_neurons(records: list[RunRecord], path: Path) -> bool:
     for i, (label, runs) in enumerate(groups):
         color = f"C{i % 10}"
         for ax, (metric, title) in zip(axes.flat, NEURON_PANELS):
-            if metric == "update/loss_jump":
-                for r in runs:
-                    for m in r.metrics:
-                        if m.get("update/loss_after") is not None:
-                            m["update/loss_jump"] = m["update/loss_after"] - m["update/loss_before"]
             xs, ys = _mean_curve(runs, metric)
             ax.plot(xs, ys, color=color, marker=".", label=label)
             if metric == "scale/max":

@@ -15,12 +15,9 @@ def _print_written(out: Path, names: list[str]) -> None:
 
 def ensure_writable(folder: Path) -> Path:
     """Create ``folder`` and prove a file can be written there, before minutes of computing (OSError otherwise)."""
-    from ..train.run_folder import is_under_a_file
+    from ..train.run_folder import check_out_path
 
-    blocker = is_under_a_file(folder)
-    if blocker is not None:
-        raise ValueError(f"--out {folder}: {blocker} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    check_out_path(folder).mkdir(parents=True, exist_ok=True)
     probe = folder / ".sparseopt-write-test"
     probe.write_bytes(b"")
     probe.unlink()

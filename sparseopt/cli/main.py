@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(error: Exception) -> str:
     if isinstance(error, OSError) and error.filename is not None:
-        return f"{error.strerror or error} : {error.filename}".replace(" : ", ": ")
+        return f"{error.strerror or error}: {error.filename}"
     return str(error)
 
 

@@ -249,16 +249,18 @@ class MaskSet:
     def sparsity(self) -> float:
         return 1.0 - self.density()
 
+    def _unmasked_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        masked = {id(layer.weight) for layer in self}
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) not in masked]
+
     def unmasked_weights(self) -> list[tuple[str, int]]:
         """(name, size) of the model's parameters with 2+ dims that no mask covers: what stays dense."""
-        masked = {id(layer.weight) for layer in self}
-        return [(n, p.numel()) for n, p in self.model.named_parameters() if p.dim() >= 2 and id(p) not in masked]
+        return [(n, p.numel()) for n, p in self._unmasked_parameters() if p.dim() >= 2]
 
     def model_density(self) -> float:
         """Density over every parameter of the model (biases, norms and unmasked weights count as dense)."""
-        masked = {id(layer.weight) for layer in self}
         total = sum(p.numel() for p in self.model.parameters())
-        dense = sum(p.numel() for p in self.model.parameters() if id(p) not in masked)
+        dense = sum(p.numel() for _, p in self._unmasked_parameters())
         return (dense + sum(self.num_active())) / total
 
     # -- enforcing the masks ----------------------------------------------------
@@ -279,22 +281,21 @@ class MaskSet:
             for explored, mask in zip(self.explored, self.masks):
                 explored.logical_or_(mask)
 
+    def _follow_masks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Move per-layer bookkeeping (in place in the list) to the masks' current device, after ``model.to``."""
+        for i, mask in enumerate(self.masks):
+            if tensors[i].device != mask.device:
+                tensors[i] = tensors[i].to(mask.device)
+        return tensors
+
     @property
     def explored(self) -> list[torch.Tensor]:
-        """ITOP's union of all masks seen, per layer, on the masks' current device (moved lazily after ``model.to``)."""
-        for i, mask in enumerate(self.masks):
-            if self._explored[i].device != mask.device:
-                self._explored[i] = self._explored[i].to(mask.device)
-        return self._explored
+        """ITOP's union of all masks seen, per layer, on the masks' current device."""
+        return self._follow_masks(self._explored)
 
     def grown_on_device(self) -> list[torch.Tensor] | None:
         """:attr:`grown` on the masks' current device (None before the first topology update)."""
-        if self.grown is None:
-            return None
-        for i, mask in enumerate(self.masks):
-            if self.grown[i].device != mask.device:
-                self.grown[i] = self.grown[i].to(mask.device)
-        return self.grown
+        return None if self.grown is None else self._follow_masks(self.grown)
 
     # -- monitoring ---------------------------------------------------------------
     def itop_rates(self) -> dict[str, float]:

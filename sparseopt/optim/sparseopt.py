@@ -177,6 +177,8 @@ class SparseOpt(OptimizerWrapper):
         self._scales: list[torch.Tensor | None] | None = None
         self._cache_key: tuple | None = None
         self._multipliers: dict[int, torch.Tensor] = {}
+        self._fan_in: list[torch.Tensor] = []
+        self._fan_in_key: tuple | None = None
 
     @property
     def dynamic_scales(self) -> bool:
@@ -209,7 +211,7 @@ class SparseOpt(OptimizerWrapper):
         chosen = set(self._selection())
         norms = self._detected().norms if self.scale_source == "bn_stats" else {}
         out: list[torch.Tensor | None] = []
-        for layer in self.masks:
+        for index, layer in enumerate(self.masks):
             if layer.name not in chosen:
                 out.append(None)
                 continue
@@ -217,8 +219,16 @@ class SparseOpt(OptimizerWrapper):
             if running_var is not None and running_var.shape[0] == layer.mask.shape[0]:
                 out.append(bn_scales(running_var, layer.mask))
             else:
-                out.append(neuron_scales(layer.mask))
+                out.append(self._fan_in_scales()[index])
         return out
+
+    def _fan_in_scales(self) -> list[torch.Tensor]:
+        """The paper's ``c`` of every layer, computed once per mask change (smoothing asks for it every step)."""
+        key = (self.masks.version, tuple(m.device for m in self.masks.masks))
+        if self._fan_in_key != key:
+            self._fan_in = [neuron_scales(m) for m in self.masks.masks]
+            self._fan_in_key = key
+        return self._fan_in
 
     def layer_scales(self) -> list[torch.Tensor]:
         """Per-layer ``c`` vectors as applied now (ones for layers that are not preconditioned)."""

@@ -25,12 +25,14 @@ RUN_DIRS = frozenset({"tensorboard", "wandb"})
 COMPARE_DIRS = frozenset({"sgd", "sparseopt"})  # a --compare-optimizers folder holds two run folders
 
 
-def is_under_a_file(path: Path) -> Path | None:
-    """The first of ``path`` and its parents that exists as a file (no folder can be made there), or None."""
+def check_out_path(path: Path) -> Path:
+    """Refuse an output folder that cannot be made because it or a parent is a file; nothing is created."""
     for parent in [Path(path), *Path(path).parents]:
         if parent.exists():
-            return None if parent.is_dir() else parent
-    return None
+            if not parent.is_dir():
+                raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+            break
+    return Path(path)
 
 
 def _is_temporary(name: str) -> bool:

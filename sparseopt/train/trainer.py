@@ -43,7 +43,7 @@ from .io import (
     write_json,
 )
 from .progress import Progress
-from .run_folder import RunLock, clear_run_folder, has_run_content, is_under_a_file
+from .run_folder import RunLock, check_out_path, clear_run_folder, has_run_content
 from .schedule import peak_lr, warmup_cosine_scheduler
 
 # Keys that may change between a run and its resume; every other key must match the checkpoint.
@@ -93,9 +93,7 @@ def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     Nothing is written here: the folder is created, locked and (``--overwrite``) cleared in ``write_header``.
     """
     out = Path(cfg.out if cfg.out else Path("runs") / run_name(cfg))
-    blocker = is_under_a_file(out)
-    if blocker is not None:
-        raise ValueError(f"--out {out}: {blocker} is a file, not a folder")
+    check_out_path(out)
     if cfg.resume:
         if (out / "checkpoint.pt").is_file():
             return out, True
@@ -155,6 +153,8 @@ class Trainer:
         self.out, self.resuming = prepare_out_dir(cfg)
         self.lock: RunLock | None = None
         self.elapsed_before = 0.0  # training seconds of earlier invocations (resume)
+        self._session_start: float | None = None  # when this invocation started training
+        self._stop_signal = 0  # SIGTERM / SIGINT received, checked every 10 steps
         self.env = init_distributed(self.device.type)
         if self.env.enabled and cfg.batch_size % self.env.world_size:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the world size {self.env.world_size}")
@@ -257,7 +257,7 @@ class Trainer:
 
     def elapsed(self) -> float:
         """Training seconds over every invocation of this run."""
-        start = getattr(self, "_session_start", None)
+        start = self._session_start
         return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
 
     def load(self, path: Path) -> None:
@@ -420,7 +420,6 @@ class Trainer:
         atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
 
     def run(self) -> dict[str, Any]:
-        self._stop_signal = 0
         handlers = {}
         if threading_main():
             handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
