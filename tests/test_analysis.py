@@ -153,3 +153,17 @@ def test_report_groups_by_full_method_config_and_flags_duplicate_seeds(tmp_path)
     assert groups[0]["paper_test_acc"] is None  # not the paper's setting: no paper number beside it
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Groups with duplicate seeds" in md and "seeds [0] appear more than once" in md
+
+
+def test_report_groups_auto_settings_by_what_they_resolved_to(tmp_path):
+    """config.yaml says prune_score: auto for both; the versions that trained them made different methods of it."""
+    runs = tmp_path / "runs"
+    for name, seed, acc, score in (("a0", 0, 60.0, "scaled"), ("a1", 1, 62.0, "scaled"), ("b0", 0, 50.0, "magnitude")):
+        d = _fake_run(runs, name, acc, seed=seed, optimizer="sparseopt")
+        results = json.loads((d / "results.json").read_text())
+        results["resolved"] = {"precondition": True, "precondition_layers": "normalized", "prune_score": score}
+        (d / "results.json").write_text(json.dumps(results))
+    summary = report([runs], tmp_path / "report")
+    groups = sorted(summary["groups"], key=lambda g: g["test_acc_mean"])
+    assert [g["n_seeds"] for g in groups] == [1, 2] and groups[1]["test_acc_mean"] == pytest.approx(61.0)
+    assert groups[0]["differs"] == {"prune_score": "magnitude"} and groups[1]["differs"] == {"prune_score": "scaled"}

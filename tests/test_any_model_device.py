@@ -167,6 +167,30 @@ def test_embeddings_are_opt_in_and_dense_ones_are_logged(caplog):
     assert sparseopt.sparsify(model2, 0.5, embeddings=True).names == ["0", "1"]
 
 
+class _TiedDecoder(nn.Module):
+    """A language-model head whose output layer shares the embedding table (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.hidden, self.out = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(self.hidden(self.emb(x)))
+
+
+def test_a_tied_weight_gets_one_mask_and_its_reported_density_is_the_real_one():
+    masks = sparseopt.sparsify(_TiedDecoder(), 0.9, embeddings=True, generator=torch.Generator().manual_seed(0))
+    assert masks.names == ["emb", "hidden"]  # the decoder's weight is the embedding table: masked once
+    table = masks.model.emb.weight
+    assert (table != 0).float().mean().item() == pytest.approx(masks.densities()["emb"], abs=1e-6)
+    # Without embeddings the table stays dense, and so does the output layer that shares it.
+    dense = _TiedDecoder()
+    assert sparseopt.sparsify(dense, 0.9).names == ["hidden"] and bool((dense.emb.weight != 0).all())
+    with pytest.raises(ValueError, match="'emb' and 'out' share one weight"):
+        sparseopt.MaskSet(_TiedDecoder(), {"emb": torch.ones(50, 16), "out": torch.ones(50, 16)})
+
+
 def test_extensions_are_one_register_call_each(tmp_path):
     from sparseopt.cli.main import main
     from sparseopt.masks.distributions import erk_densities

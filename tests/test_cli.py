@@ -9,6 +9,7 @@ import yaml
 from conftest import data_path, write_cifar_archive
 
 from sparseopt.cli.main import main
+from sparseopt.train import build as build_mod
 from sparseopt.train import trainer as trainer_mod
 from sparseopt.train.config import make_config
 
@@ -50,7 +51,8 @@ def test_cifar10_run_folder(tmp_path):
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[-1]["step"] == 10
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "lr", "itop", "density",
-                "epoch_seconds", "images_per_s", "density/conv1", "neuron_sparsity/fc/std", "topology_updates"):
+                "epoch_seconds", "images_per_s", "density/conv1", "neuron_sparsity/fc/std", "topology_updates",
+                "neurons/dead", "weight_norm/fan_in_slope", "bn_sigma/fan_in_slope"):
         assert key in metrics[-1], key
     assert metrics[-1]["density"] == pytest.approx(0.1, abs=1e-4)
     env = json.loads((out / "env.json").read_text())
@@ -98,6 +100,29 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert [m["epoch"] for m in read_jsonl(tmp_path / "resumed/metrics.jsonl")] == [1, 2, 3]
     assert main([*args, "--out", str(tmp_path / "resumed"), "--resume", "--sparsity", "0.5"]) == 2  # other config
+
+
+def test_resume_refuses_a_checkpoint_whose_auto_settings_resolved_otherwise(tmp_path, monkeypatch, capsys):
+    """A later version that resolves --prune-score auto differently must not switch method in the middle of a run."""
+    args = ["train", "--epochs", "2", "--quiet", "--no-compare-optimizers", "--optimizer", "sparseopt",
+            "--out", str(tmp_path / "run")]
+    real_save = trainer_mod.save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt  # killed after the first epoch's checkpoint
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["resolved"]["prune_score"] == "scaled"
+    monkeypatch.setitem(build_mod.RECOMMENDED_SPARSEOPT, "prune_score", "magnitude")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "trained with prune_score='scaled' (now 'magnitude')" in capsys.readouterr().err
+    assert main([*args, "--resume", "--prune-score", "scaled"]) == 0  # the method it was trained with, named
+    assert json.loads((tmp_path / "run/results.json").read_text())["resolved"]["prune_score"] == "scaled"
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ import yaml
 
 from sparseopt.cli.main import main
 from sparseopt.train import trainer as trainer_mod
+from sparseopt.train.io import read_metrics
 from sparseopt.train.run_folder import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,15 @@ def test_resume_keeps_invocation_history_and_accumulates_time(tmp_path, monkeypa
         main(args)
     first = torch.load(out / "checkpoint.pt", weights_only=True)["seconds"]
     monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    with open(out / "metrics.jsonl", "a") as f:  # killed in the middle of the next epoch's append
+        f.write('{"epoch": 2, "train_lo')
+    assert [m["epoch"] for m in read_metrics(out)] == [1]  # the report reads what is whole
     assert main([*args, "--resume"]) == 0
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
+    (out / "metrics.jsonl").write_text('{"epoch": 1\n' + (out / "metrics.jsonl").read_text())
+    with pytest.raises(ValueError, match="metrics.jsonl, line 1: not a JSON record"):
+        read_metrics(out)  # damage before the last line is not a torn append: said, not skipped
+    (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text().split("\n", 1)[1])
     assert main([*args, "--resume"]) == 0  # already finished: nothing to train, bookkeeping kept
     env = json.loads((out / "env.json").read_text())
     assert [i["resumed_from_epoch"] for i in env["invocations"]] == [0, 1, 2]

@@ -180,6 +180,22 @@ def test_normalized_layers_detected_from_the_model():
     assert _sgd_model(precondition=False)[2].preconditioned_layers == []
 
 
+def test_a_model_without_normalized_layers_is_told_that_nothing_is_preconditioned(caplog):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = sparseopt.SparseOpt(torch.optim.SGD(plain.parameters(), lr=0.1), sparseopt.sparsify(plain, 0.5))
+    with caplog.at_level("WARNING", logger="sparseopt"):
+        nn.functional.cross_entropy(plain(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+        opt.step()
+    assert opt.preconditioned_layers == [] and "trains exactly as the masked baseline" in caplog.text
+    caplog.clear()
+    model, _, normalized = _sgd_model(layers="normalized")
+    with caplog.at_level("WARNING", logger="sparseopt"):
+        _backward(model)
+        normalized.step()
+    assert normalized.preconditioned_layers == ["conv1", "conv2"] and caplog.text == ""
+
+
 def test_max_grad_norm_clips_global_norm():
     model, masks, opt = _sgd_model(max_grad_norm=1e-3)
     _backward(model)

@@ -189,6 +189,16 @@ def test_neuron_stats_counts_and_init_slope():
     assert stats["scale/max"] == pytest.approx(float((n.max() / n.mean()).sqrt()), rel=1e-5)
     # i.i.d. weights masked: ||w_i|| ~ sqrt(n_i), a log-log slope of 1/2
     assert stats["weight_norm/fan_in_slope"] == pytest.approx(0.5, abs=0.03)
+    assert "bn_sigma/fan_in_slope" not in stats  # no norms given
+    # BN's sigma_i at initialisation follows sqrt(n_i) too: the paper's assumption, slope 1/2 ...
+    model[1].momentum = 1.0  # running_var = this batch's variance
+    model(torch.randn(4096, 2000, generator=g))
+    assert neuron_stats(masks, norms={"0": model[1]})["bn_sigma/fan_in_slope"] == pytest.approx(0.5, abs=0.03)
+    # ... and the statistic reads sigma, not the weights: equal row norms make BN's sigma independent of n_i.
+    with torch.no_grad():
+        model[0].weight.div_(model[0].weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    model(torch.randn(4096, 2000, generator=g))
+    assert neuron_stats(masks, norms={"0": model[1]})["bn_sigma/fan_in_slope"] == pytest.approx(0.0, abs=0.03)
 
 
 def test_norm_fan_in_slope_per_layer_centring():

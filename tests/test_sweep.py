@@ -7,6 +7,7 @@ import yaml
 from sparseopt.analysis.report import report
 from sparseopt.cli.main import main
 from sparseopt.sweep import expand, load_sweep, plan, run_sweep
+from sparseopt.train.build import resolve_method
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,14 @@ def test_shipped_sweeps_expand():
     assert counts["rigl98_cpu_proxy"] == 8 and counts["rigl98_cpu_hypotheses"] == 24
     assert counts["gpu_rigl_cifar10"] == 13  # 4 pairs x 3 seeds + one paper run with its own seed list
     assert counts["gpu_rigl_cifar10_seeds34"] == 4 and counts["gpu_rigl_cifar10_bn_stats"] == 14
-    assert counts["rigl_cpu_followup"] == 20
+    assert counts["rigl_cpu_followup"] == 20 and counts["cpu_bn_stats_generality"] == 16
+    assert counts["rigl98_cpu_sigma"] == 8
+    # The study files reproduce what docs/results.md reports: the paper's magnitude pruning where it ran,
+    # whatever the default "auto" resolves to today.
+    for name in ("rigl98_cpu_proxy", "rigl98_cpu_hypotheses"):
+        resolved = {resolve_method(r.config)["prune_score"] for r in expand(load_sweep(REPO / f"configs/sweeps/{name}.yaml"), "/tmp/unused")
+                    if r.config.optimizer != "sgd" and "prune_score" not in r.name}
+        assert resolved == {"magnitude"}, name
 
 
 def test_variant_seeds_and_device_slots():
@@ -99,6 +107,17 @@ def test_local_sweep_idempotent_skip_and_resume(tmp_path, capsys):
     assert again["codes"] == {}  # nothing left to do
     summary = report([out], tmp_path / "report")  # report reads the sweep folder directly
     assert len(summary["groups"]) == 4 and [r["status"] for r in summary["not_completed"]] == ["diverged"]
+    # The sweep file changed under the same folder: its finished runs must not be skipped and reported as the new ones.
+    edited = write_sweep(tmp_path, seeds=[0, 1, 2], fixed={**yaml.safe_load(sweep.read_text())["fixed"], "lr": 0.05})
+    with pytest.raises(ValueError, match=r"8 run folder\(s\) of this sweep were made with another configuration") as err:
+        plan(expand(load_sweep(edited), out))
+    assert "lr: saved 0.1, now 0.05" in str(err.value)
+    capsys.readouterr()
+    assert main(["sweep", str(edited), "--out", str(out), "--dry-run"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    # Adding seeds (new folders) keeps the old runs valid.
+    more = write_sweep(tmp_path, seeds=[0, 1, 2])
+    assert sum(a == "start" for _, a in plan(expand(load_sweep(more), out))) == 4
 
 
 def test_submitit_local_executor(tmp_path):

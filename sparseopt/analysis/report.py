@@ -100,9 +100,21 @@ def load_run(path: Path) -> RunRecord:
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    # Group by what ran, not by what the config says: an "auto" key means whatever the version that trained the
+    # run made of it (recorded in results.json / env.json), and two versions may have made different things.
+    resolved = (results or {}).get("resolved") or _env_record(path).get("resolved") or {}
+    config = {k: resolved.get(k, v) if v == "auto" else v for k, v in config.items()}
     metrics = read_metrics(path)
     status = results.get("status", "unknown") if results else "incomplete"
     return RunRecord(path, config, status, results, metrics)
+
+
+def _env_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((path / "env.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -78,14 +78,28 @@ def weight_candidates(model: nn.Module, embeddings: bool = False) -> list[tuple[
 
     Linear and Conv1d/2d/3d weights; nn.MultiheadAttention's input projections
     (``in_proj_weight``, or ``q/k/v_proj_weight`` when key and value sizes differ);
-    nn.Embedding tables only with ``embeddings=True``.
+    nn.Embedding tables only with ``embeddings=True``. A weight shared by several
+    modules appears once, under its first owner.
     """
-    out = []
+    found = []
     for name, module in model.named_modules():
         if isinstance(module, SPARSIFIABLE_TYPES) or (embeddings and isinstance(module, nn.Embedding)):
-            out.append((name, module))
+            found.append((name, module, module.weight))
         elif isinstance(module, nn.MultiheadAttention):
-            out += [(f"{name}.{p}" if name else p, module) for p in ATTENTION_PARAMS if getattr(module, p, None) is not None]
+            found += [(f"{name}.{p}" if name else p, module, getattr(module, p))
+                      for p in ATTENTION_PARAMS if getattr(module, p, None) is not None]
+    # Tied weights (a decoder sharing its embedding's table, say) are one parameter: masking it twice would
+    # multiply two independent masks (actual density far below the reported one). The first owner masks it;
+    # without ``embeddings`` a weight tied to an embedding table stays dense, as the table itself does.
+    seen = set() if embeddings else {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out = []
+    for name, module, weight in found:
+        if id(weight) in seen:
+            logger.info("not masking %r: its weight is tied to a parameter that is %s", name,
+                        "masked already" if embeddings else "an embedding table (embeddings=False)")
+            continue
+        seen.add(id(weight))
+        out.append((name, module))
     return out
 
 
@@ -183,6 +197,9 @@ class MaskSet:
                 raise ValueError(f"{name!r} has a {weight.dim()}-D weight; masks are for (out, in, ...) weights")
             if hasattr(layer.module, layer.buffer):
                 raise ValueError(f"layer {name!r} already has a {layer.buffer!r}: it is masked by another MaskSet")
+            tied = next((other.name for other in self.layers if other.weight is weight), None)
+            if tied is not None:
+                raise ValueError(f"layers {tied!r} and {name!r} share one weight (tied parameters); give it one mask")
             layer.module.register_buffer(layer.buffer, mask.to(device=weight.device, dtype=torch.bool).clone())
             if not any(other.module is layer.module for other in self.layers):
                 # Loading the model's state_dict overwrites the mask buffers in place:

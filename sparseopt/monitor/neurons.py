@@ -9,7 +9,10 @@ a log-log slope of 0.5; BatchNorm's scale invariance lets training move it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from torch import nn
 
 from ..masks.maskset import MaskSet
 from ..masks.neurons import fan_in
@@ -18,7 +21,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def norm_fan_in_slope(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
-    """Pooled log-log slope of per-neuron weight norm against fan-in.
+    """Pooled log-log slope of a per-neuron scale (weight norm, BN's sigma) against fan-in.
 
     ``pairs``: per layer ``(n, norm)`` over its neurons. Each layer is centred on
     its own means of ``log n`` and ``log norm`` (layers differ in scale), then one
@@ -41,7 +44,9 @@ def norm_fan_in_slope(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float |
 
 
 @torch.no_grad()
-def neuron_stats(masks: MaskSet, scales: list[torch.Tensor] | None = None) -> dict[str, float]:
+def neuron_stats(
+    masks: MaskSet, scales: list[torch.Tensor] | None = None, norms: Mapping[str, nn.Module] | None = None,
+) -> dict[str, float]:
     """Flat dict of neuron statistics over all masked layers.
 
     Keys:
@@ -53,7 +58,11 @@ def neuron_stats(masks: MaskSet, scales: list[torch.Tensor] | None = None) -> di
         pooled over layers;
         ``scale/min``, ``scale/max``, ``scale/std``: range of the applied ``c_i`` over live neurons
         (all 1 for the plain baseline);
-        ``weight_norm/fan_in_slope``: see :func:`norm_fan_in_slope`.
+        ``weight_norm/fan_in_slope``: see :func:`norm_fan_in_slope`;
+        ``bn_sigma/fan_in_slope`` (with ``norms``, masked layer name -> the BatchNorm it feeds): the same
+        slope for BN's ``sigma_i = sqrt(running_var_i)``. SparseOpt's ``c_i = sqrt(n_i / n_avg)`` assumes
+        ``sigma_i ~ sqrt(n_i)``, a slope of 0.5 (true at initialisation); the measured slope says how far
+        training has moved BatchNorm's real amplification ``1 / sigma_i`` away from that assumption.
     """
     out: dict[str, float] = {}
     dead_total, neurons_total = 0, 0
@@ -91,4 +100,13 @@ def neuron_stats(masks: MaskSet, scales: list[torch.Tensor] | None = None) -> di
     slope = norm_fan_in_slope(pairs)
     if slope is not None:
         out["weight_norm/fan_in_slope"] = slope
+    if norms:
+        sigma_pairs = []
+        for layer, (n, _) in zip(masks, pairs):
+            var = getattr(norms.get(layer.name), "running_var", None)
+            if var is not None and var.shape[0] == n.shape[0]:
+                sigma_pairs.append((n, var.detach().float().clamp_min(0).sqrt().cpu()))
+        sigma_slope = norm_fan_in_slope(sigma_pairs)
+        if sigma_slope is not None:
+            out["bn_sigma/fan_in_slope"] = sigma_slope
     return out

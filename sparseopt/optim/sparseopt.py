@@ -16,6 +16,7 @@ With ``precondition=False`` the same object is the plain masked DST baseline
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 LAYER_CHOICES = ("all", "normalized")
 SCALE_SOURCES = ("fan_in", "bn_stats")
+logger = logging.getLogger("sparseopt")
 _NONE: list[str] = []  # the baseline's (empty) selection, one object so the cache check is an identity test
 
 
@@ -205,6 +207,17 @@ class SparseOpt(OptimizerWrapper):
             return _NONE
         if self._selected is None:
             self._selected = self._detected().found
+            if not self._selected:
+                logger.warning(
+                    "SparseOpt(layers='normalized'): no masked layer's output goes straight into a BatchNorm, "
+                    "LayerNorm or GroupNorm, so no gradient is preconditioned and SparseOpt trains exactly as the masked "
+                    "baseline; pass layers='all' or a list of layer names to precondition them anyway"
+                )
+            elif self.scale_source == "bn_stats":
+                no_stats = [n for n in self._selected if getattr(self._detected().norms.get(n), "running_var", None) is None]
+                if no_stats:
+                    logger.info("scale_source='bn_stats': %s feed a normalization without running statistics; "
+                                "their c_i is the fan-in scale", no_stats)
         return self._selected
 
     def _target_scales(self) -> list[torch.Tensor | None]:

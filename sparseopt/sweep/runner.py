@@ -19,12 +19,46 @@ from typing import Any
 
 import yaml
 
+from ..train.config import config_differences
 from ..train.io import atomic_write, write_json
 from .grid import PlannedRun, SweepSpec, expand, run_state
 
 
+def stale_runs(runs: list[PlannedRun]) -> list[str]:
+    """``"run: differences"`` for every run folder already made with another config than the sweep plans now.
+
+    A sweep re-run after its file (or base config, or ``--set``) changed would otherwise skip finished runs and
+    report the old configuration's numbers under the new one.
+    """
+    stale = []
+    for run in runs:
+        saved = Path(run.config.out) / "config.yaml"
+        if not saved.is_file():
+            continue
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+        except (yaml.YAMLError, OSError) as e:
+            stale.append(f"{run.name}: unreadable {saved.name} ({type(e).__name__})")
+            continue
+        diffs = config_differences(old, run.config.to_dict()) if isinstance(old, dict) else ["not a mapping"]
+        if diffs:
+            stale.append(f"{run.name}: " + "; ".join(diffs))
+    return stale
+
+
 def plan(runs: list[PlannedRun], retry_failed: bool = False) -> list[tuple[PlannedRun, str]]:
-    """(run, action) with action in ``skip`` / ``resume`` / ``start`` / ``failed``."""
+    """(run, action) with action in ``skip`` / ``resume`` / ``start`` / ``failed``.
+
+    Refuses (ValueError) a sweep folder that holds runs of the same names made with another configuration.
+    """
+    stale = stale_runs(runs)
+    if stale:
+        shown = "\n  ".join(stale[:5]) + (f"\n  ... and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise ValueError(
+            f"{len(stale)} run folder(s) of this sweep were made with another configuration:\n  {shown}\n"
+            "finished runs would be skipped and reported under the new settings; write the sweep to another --out, "
+            "or delete those run folders to re-run them"
+        )
     actions = []
     for run in runs:
         state = run_state(run.config.out)

@@ -226,6 +226,30 @@ class TrainConfig:
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
+# Keys that may change between a run and its resume; every other key must match the run's saved config.
+RESUMABLE_KEYS = {"out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download",
+                  "compile", "compile_mode", "device", "eval_batch_size", "check_masks", "compare_optimizers", "monitor"}
+# GPU speed options a CPU run records as off (the trainer ignores them there): not a change of method.
+DEVICE_FALLBACK_KEYS = {"bf16", "channels_last", "compile", "sync_bn"}
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], resolved: dict[str, Any] | None = None) -> list[str]:
+    """``"key: saved a, now b"`` for every key that makes ``now`` another run than ``saved``.
+
+    A key missing from ``saved`` (written before the key existed) counts at its default. ``resolved``: what the
+    saved run made of its ``"auto"`` keys; naming that value explicitly now is the same run.
+    """
+    defaults = TrainConfig().to_dict()
+    resolved = resolved or {}
+
+    def same(key: str) -> bool:
+        old = saved.get(key, defaults[key])
+        return old == now[key] or (old == "auto" and key in resolved and resolved[key] == now[key])
+
+    return [f"{k}: saved {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
+            if k not in RESUMABLE_KEYS and k not in DEVICE_FALLBACK_KEYS and not same(k)]
+
+
 def field_choices() -> dict[str, list[str]]:
     """The allowed values of every config key that takes one of a fixed set (validation and ``--help``)."""
     from ..data import DATASETS

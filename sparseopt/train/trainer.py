@@ -30,13 +30,15 @@ import yaml
 from torch import nn
 
 from ..monitor import UpdateProbe, loss_on_batch, neuron_stats
+from ..optim.sparseopt import NormalizedLayerFinder
 from .build import build_run, effective_delta_t, make_model, resolve_method
-from .config import TrainConfig
+from .config import TrainConfig, config_differences
 from .data import make_loaders
 from .distributed import DistEnv, all_reduce_sum, check_masks_consistent, cleanup, init_distributed
 from .io import (
     atomic_write,
     environment,
+    jsonl_lines,
     load_checkpoint,
     read_metrics,
     save_checkpoint,
@@ -45,11 +47,6 @@ from .io import (
 from .progress import Progress
 from .run_folder import RunLock, check_out_path, clear_run_folder, has_run_content
 from .schedule import peak_lr, warmup_cosine_scheduler
-
-# Keys that may change between a run and its resume; every other key must match the checkpoint.
-RESUMABLE_KEYS = {"out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download",
-                  "compile", "compile_mode", "device", "eval_batch_size", "check_masks", "compare_optimizers", "monitor"}
-
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -219,6 +216,8 @@ class Trainer:
         self.step = 0
         monitored = cfg.monitor and self.topology is not None and self.topology.dynamic
         self.probe = UpdateProbe(window=max(1, min(10, effective_delta_t(cfg) // 2))) if monitored else None
+        # Which BatchNorm each masked layer feeds (found on the first forward pass), for the sigma-vs-fan-in statistic.
+        self.norm_finder = NormalizedLayerFinder(self.model, self.masks) if cfg.monitor and self.masks is not None else None
         self.check_schedule(warmup)
         if self.resuming:
             self.load(self.out / "checkpoint.pt")
@@ -246,6 +245,9 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "config": self.cfg.to_dict(),
+            # What this version made of the config's "auto" settings: a resume under another version must not
+            # switch method halfway while config.yaml still says the same thing.
+            "resolved": resolve_method(self.cfg),
             "model": self.model.state_dict(),
             "masks": self.masks.state_dict() if self.masks is not None else None,
             "optimizer": self.optimizer.state_dict(),
@@ -264,12 +266,17 @@ class Trainer:
         state = load_checkpoint(path, map_location=self.device)
         if state.get("format") != "sparseopt-checkpoint-v1":
             raise ValueError(f"{path} is not a sparseopt training checkpoint")
-        saved, now = state["config"], self.cfg.to_dict()
-        defaults = TrainConfig().to_dict()  # a key newer than the checkpoint ran at its default
-        diffs = [f"{k}: checkpoint {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
-                 if k not in RESUMABLE_KEYS and k not in ("bf16", "channels_last") and saved.get(k, defaults[k]) != now[k]]
+        diffs = config_differences(state["config"], self.cfg.to_dict(), state.get("resolved"))
         if diffs:
             raise ValueError(f"checkpoint {path} is from another configuration; differing keys: " + "; ".join(diffs))
+        saved_method, method = state.get("resolved"), resolve_method(self.cfg)
+        if saved_method is not None and saved_method != method:
+            changed = [f"{k}={saved_method[k]!r} (now {method[k]!r})" for k in method if saved_method.get(k) != method[k]]
+            raise ValueError(
+                f"checkpoint {path} was trained with {', '.join(changed)}: this version resolves the config's 'auto' "
+                "settings differently; set them explicitly (e.g. --prune-score, --precondition-layers) to continue the run "
+                "as it was trained"
+            )
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -358,13 +365,17 @@ class Trainer:
         """Open the monitoring record of the topology update that just happened on batch ``(x, y)``."""
         info = {"event": "update", "epoch": self.epoch + 1, "step": self.step, **(self.topology.last_update or {})}
         info.pop("t", None)
-        stats = neuron_stats(self.masks, self.optimizer.layer_scales())
+        stats = neuron_stats(self.masks, self.optimizer.layer_scales(), self.monitored_norms())
         info.update({k: v for k, v in stats.items() if not k.startswith("neurons/dead/")})
         self.probe.begin(info, loss_on_batch(self.model, self.criterion, x, y, self.autocast))
 
+    def monitored_norms(self) -> dict[str, nn.Module] | None:
+        finder = self.norm_finder
+        return finder.norms if finder is not None and finder.found is not None else None
+
     def monitor_epoch(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(this epoch's update records, the epoch's neuron statistics and update summary)."""
-        stats = neuron_stats(self.masks, self.optimizer.layer_scales())
+        stats = neuron_stats(self.masks, self.optimizer.layer_scales(), self.monitored_norms())
         if self.probe is None:
             return [], stats
         updates = self.probe.flush()
@@ -416,7 +427,7 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= self.epoch]
+        keep = [line for line, record in jsonl_lines(path) if record.get("epoch", 0) <= self.epoch]
         atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
 
     def run(self) -> dict[str, Any]:
