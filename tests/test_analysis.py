@@ -86,13 +86,14 @@ def test_direction_records_ordinary_and_across_steps(tmp_path):
 
 
 def _fake_run(root, name, acc, *, seed, sparsity=0.9, optimizer="sgd", epochs=100, status="completed", itop=0.3,
-              dataset="cifar100", model="resnet20"):
+              dataset="cifar100", model="resnet20", dst="rigl", neurons=None):
     d = root / name
     d.mkdir(parents=True)
-    cfg = make_config(overrides={"dataset": dataset, "model": model, "dst": "rigl", "optimizer": optimizer,
+    cfg = make_config(overrides={"dataset": dataset, "model": model, "dst": dst, "optimizer": optimizer,
                                  "sparsity": sparsity, "epochs": epochs, "seed": seed}).to_dict()
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-    metrics = [{"epoch": e + 1, "train_acc": acc - 5 + e, "test_acc": acc - 1 + e, "itop": itop} for e in range(2)]
+    metrics = [{"epoch": e + 1, "train_acc": acc - 5 + e, "test_acc": acc - 1 + e, "itop": itop, **(neurons or {})}
+               for e in range(2)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     if status is not None:
         (d / "results.json").write_text(json.dumps({"status": status, "final": {"test_acc": acc, "itop": itop},
@@ -167,3 +168,22 @@ def test_report_groups_auto_settings_by_what_they_resolved_to(tmp_path):
     groups = sorted(summary["groups"], key=lambda g: g["test_acc_mean"])
     assert [g["n_seeds"] for g in groups] == [1, 2] and groups[1]["test_acc_mean"] == pytest.approx(61.0)
     assert groups[0]["differs"] == {"prune_score": "magnitude"} and groups[1]["differs"] == {"prune_score": "scaled"}
+
+
+def test_neuron_table_and_figure_keep_settings_apart(tmp_path):
+    runs = tmp_path / "runs"
+    for dst, dead, sigma in (("set", 3, 0.41), ("static", 9, 0.47)):
+        for seed in (0, 1):
+            neurons = {"neurons/dead": dead + seed, "fan_in/cv": 0.3, "weight_norm/fan_in_slope": 0.4,
+                       "bn_sigma/fan_in_slope": sigma}
+            _fake_run(runs, f"{dst}-s{seed}", 50.0, seed=seed, dst=dst, neurons=neurons)
+    summary = report([runs], tmp_path / "report", curves=tmp_path / "curves.jsonl")
+    curves = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
+    assert {c["epochs"][-1]["bn_sigma/fan_in_slope"] for c in curves} == {0.41, 0.47}
+    assert {c["group"].split(":")[0] for c in curves} == {"set", "static"}  # figure labels name the DST method
+    md = (tmp_path / "report" / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| cifar100 / resnet20 /")]
+    assert [row.split(" | ")[0] for row in rows] == ["| cifar100 / resnet20 / set", "| cifar100 / resnet20 / static"]
+    assert "| 3.500 |" in rows[0] and "| 0.410 |" in rows[0] and "| 9.500 |" in rows[1] and "| 0.470 |" in rows[1]
+    assert len(summary["groups"]) == 2
+    assert (tmp_path / "report" / "neurons.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -164,7 +164,8 @@ def differing_keys(keys: list[tuple]) -> dict[tuple, dict[str, Any]]:
 
 
 # Neuron statistics of the last epoch and update averages shown in the report (see sparseopt.monitor).
-NEURON_COLUMNS = ("neurons/dead", "fan_in/cv", "fan_in/q05", "scale/min", "scale/max", "weight_norm/fan_in_slope")
+NEURON_COLUMNS = ("neurons/dead", "fan_in/cv", "fan_in/q05", "scale/min", "scale/max", "weight_norm/fan_in_slope",
+                  "bn_sigma/fan_in_slope")
 UPDATE_COLUMNS = ("grown_pruned", "loss_jump", "loss_window_after")
 
 
@@ -316,7 +317,7 @@ def labelled_groups(records: list[RunRecord]) -> list[tuple[str, list[RunRecord]
     for key, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         f = dict(key)
         label = method_label(f.get("optimizer"), f.get("ham"), f.get("renorm"), f.get("growth_grad", "original"), extras[key])
-        out.append((f"{label} {100 * f.get('sparsity', 0):g}% e{f.get('epochs')}", runs))
+        out.append((f"{f.get('dst')}: {label} {100 * f.get('sparsity', 0):g}% e{f.get('epochs')}", runs))
     return out
 
 
@@ -357,7 +358,7 @@ NEURON_PANELS = (
     ("fan_in/cv", "fan-in inequality: mean over layers of std(n)/mean(n)"),
     ("fan_in/q05", "5% quantile of n_i / n_avg"),
     ("scale/max", "largest c_i (dashed: smallest)"),
-    ("weight_norm/fan_in_slope", "slope of log ||w_i|| vs log n_i"),
+    ("weight_norm/fan_in_slope", "slope vs log n_i: log ||w_i|| (dashed: log BN sigma_i; paper assumes 0.5)"),
     ("update/grown_pruned", "share of grown connections removed at the next update"),
     ("update/loss_jump", "loss jump at an update (same batch, new - old mask)"),
 )
@@ -375,8 +376,9 @@ def plot_neurons(records: list[RunRecord], path: Path) -> bool:
         for ax, (metric, title) in zip(axes.flat, NEURON_PANELS):
             xs, ys = _mean_curve(runs, metric)
             ax.plot(xs, ys, color=color, marker=".", label=label)
-            if metric == "scale/max":
-                ax.plot(*_mean_curve(runs, "scale/min"), color=color, linestyle="--")
+            companion = {"scale/max": "scale/min", "weight_norm/fan_in_slope": "bn_sigma/fan_in_slope"}.get(metric)
+            if companion is not None:
+                ax.plot(*_mean_curve(runs, companion), color=color, linestyle="--")
             ax.set_title(title, fontsize=9)
     for ax in axes.flat:
         ax.set_xlabel("epoch")
@@ -394,10 +396,12 @@ def neuron_table(rows: list[dict[str, Any]]) -> str:
         return ""
     columns = [*NEURON_COLUMNS, *(f"update/{k}" for k in UPDATE_COLUMNS)]
     out = ["### Neurons and topology updates (last epoch; update columns: mean over all updates), mean over seeds\n",
-           "| sparsity | method | epochs | " + " | ".join(columns) + " |", "|---|---|---:|" + "---:|" * len(columns)]
-    for r in sorted(sel, key=lambda r: (r["sparsity"], r["epochs"], r["method"])):
+           "| setting | sparsity | method | epochs | " + " | ".join(columns) + " |",
+           "|---|---|---|---:|" + "---:|" * len(columns)]
+    for r in sorted(sel, key=lambda r: (r["dataset"], r["model"], r["dst"], r["sparsity"], r["epochs"], r["method"])):
         cells = [f"{r['neurons'][c]:.3f}" if c in r["neurons"] else "" for c in columns]
-        out.append(f"| {100 * r['sparsity']:g}% | {r['method']} | {r['epochs']} | " + " | ".join(cells) + " |")
+        setting = f"{r['dataset']} / {r['model']} / {r['dst']}"
+        out.append(f"| {setting} | {100 * r['sparsity']:g}% | {r['method']} | {r['epochs']} | " + " | ".join(cells) + " |")
     out.append("\n`update/loss_jump`: loss of the update step's batch with the new mask minus with the old; "
                "`update/loss_window_after`: mean loss of the steps after an update minus the steps before.\n")
     return "\n".join(out)
@@ -418,9 +422,13 @@ def plot_itop(rows, path: Path) -> None:
     save_figure(fig, path)
 
 
+# Metric families a curve keeps (per-layer keys such as density/<layer> are dropped).
+CURVE_PREFIXES = ("update", "scale", "fan_in", "weight_norm", "bn_sigma")
+
+
 def _compact(record: dict[str, Any]) -> dict[str, Any]:
     """A metrics record without its per-layer keys (``density/<layer>``, ...): what a curve needs."""
-    return {k: v for k, v in record.items() if k.count("/") == 0 or k.split("/")[0] in ("update", "scale", "fan_in", "weight_norm")
+    return {k: v for k, v in record.items() if k.count("/") == 0 or k.split("/")[0] in CURVE_PREFIXES
             or k in ("neurons/dead", "neurons/dead_frac")}
 
 

@@ -48,6 +48,7 @@ from .progress import Progress
 from .run_folder import RunLock, check_out_path, clear_run_folder, has_run_content
 from .schedule import peak_lr, warmup_cosine_scheduler
 
+
 class NonFiniteLoss(RuntimeError):
     pass
 
