@@ -255,3 +255,26 @@ def test_smoothing_computes_the_fan_in_scale_once_per_mask_change(monkeypatch):
     masks.mark_changed()
     opt.step()
     assert len(calls) == 2 * len(masks)
+
+
+def test_sigma_slope_script_reads_what_the_monitor_logged(tmp_path):
+    """scripts/bn_sigma_slope.py recomputes, from a run's final checkpoint, the slope the trainer logged."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from sparseopt.cli.main import main
+    from sparseopt.train.io import read_metrics
+
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--train-subset", "512", "--quiet", "--no-compare-optimizers",
+                 "--out", str(run)]) == 0
+    logged = read_metrics(run)[-1]["bn_sigma/fan_in_slope"]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bn_sigma_slope.py"
+    spec = importlib.util.spec_from_file_location("bn_sigma_slope", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path), "--json", str(tmp_path / "slopes.json")]) == 0
+    (row,) = json.loads((tmp_path / "slopes.json").read_text())
+    assert row["run"] == "run" and row["epoch"] == 1
+    assert row["bn_sigma/fan_in_slope"] == pytest.approx(logged, abs=1e-9) and 0.0 < logged < 2.0
