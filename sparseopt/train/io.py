@@ -17,6 +17,7 @@ import torch
 
 logger = logging.getLogger("sparseopt")
 
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
