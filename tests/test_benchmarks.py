@@ -1,0 +1,46 @@
+"""The GPU benchmarks run end to end as CPU rehearsals, so a device session never spends its minutes on a
+script that crashes. Structure and bookkeeping only: timings are benchmarks' business, never a test's."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script, *args):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_runs_per_gpu_rehearsal(tmp_path):
+    out = run_benchmark("bench_runs_per_gpu.py", "--device", "cpu", "--runs", "1", "2", "--steps", "2",
+                        "--warmup", "1", "--json", str(tmp_path / "runs.json"))
+    result = json.loads((tmp_path / "runs.json").read_text())
+    assert result["mode"] == "eager" and result["device"] == "cpu"
+    assert [row["runs"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert len(row["per_run_images_per_s"]) == row["runs"] and all(v > 0 for v in row["per_run_images_per_s"])
+        # the aggregate is images over the common span: never more than the runs' own rates added up
+        assert 0 < row["aggregate_images_per_s"] <= sum(row["per_run_images_per_s"]) * (1 + 1e-9)
+    assert "2 runs at once" in out
+
+
+def test_step_benchmark_rehearsal(tmp_path):
+    run_benchmark("bench_step.py", "--device", "cpu", "--batch", "4", "--repeats", "2", "--updates", "1",
+                  "--memory-steps", "1", "--variants", "dense", "ours_masked", "ours_sparseopt",
+                  "--json", str(tmp_path / "step.json"))
+    result = json.loads((tmp_path / "step.json").read_text())
+    variants = ["dense", "ours_masked", "ours_sparseopt"]
+    assert sorted(result["median_step_s"]) == sorted(variants) and result["step_ratio_to_dense"]["dense"] == 1.0
+    for name in variants:
+        ratio = result["median_step_s"][name] / result["median_step_s"]["dense"]
+        assert result["step_ratio_to_dense"][name] == pytest.approx(ratio, rel=1e-9)
+        assert result["images_per_s"][name] == pytest.approx(4 / result["median_step_s"][name], rel=1e-9)
+    assert sorted(result["topology_update_s"]) == ["ours_masked", "ours_sparseopt"]
+    assert all(v > 0 for v in result["peak_memory_mb"].values())
