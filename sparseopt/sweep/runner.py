@@ -21,6 +21,7 @@ import yaml
 
 from ..train.config import config_differences
 from ..train.io import atomic_write, write_json
+from ..train.run_folder import listing
 from .grid import PlannedRun, SweepSpec, expand, run_state
 
 
@@ -53,7 +54,7 @@ def plan(runs: list[PlannedRun], retry_failed: bool = False) -> list[tuple[Plann
     """
     stale = stale_runs(runs)
     if stale:
-        shown = "\n  ".join(stale[:5]) + (f"\n  ... and {len(stale) - 5} more" if len(stale) > 5 else "")
+        shown = listing(stale, 5, sep="\n  ")
         raise ValueError(
             f"{len(stale)} run folder(s) of this sweep were made with another configuration:\n  {shown}\n"
             "finished runs would be skipped and reported under the new settings; write the sweep to another --out, "

@@ -57,6 +57,12 @@ def has_run_content(path: Path) -> bool:
     return path.is_dir() and any(e.name != LOCK_NAME and not _is_temporary(e.name) for e in path.iterdir())
 
 
+def listing(items: list[str], limit: int, sep: str = ", ") -> str:
+    """The first ``limit`` items joined by ``sep``, and how many more there are (for error messages)."""
+    more = f"{sep}... and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
+
+
 def clear_run_folder(path: Path) -> None:
     """Remove a previous run's files from ``path`` (``--overwrite``), or refuse if it holds anything else."""
     if not path.exists():
@@ -65,7 +71,7 @@ def clear_run_folder(path: Path) -> None:
         raise ValueError(f"--out {path} is a file, not a folder")
     foreign = foreign_entries(path)
     if foreign:
-        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        shown = listing(foreign, 8)
         raise ValueError(
             f"--overwrite refuses to clear {path}: it is not a sparseopt run folder (it holds {shown}). "
             "Choose another --out, or remove the folder yourself"
