@@ -113,15 +113,27 @@ def test_bn_stats_scales_follow_the_following_batchnorm():
 
 
 # -- (c) smoothing ----------------------------------------------------------------------------------------
-def test_smoothing_leaves_scales_unchanged_when_masks_do_not_change():
+def _smoothed_sparseopt():
+    """A SmallConvNet at 80% under SparseOpt with smoothed scales (scale_ema 0.9) on every layer."""
     torch.manual_seed(0)
     model = SmallConvNet()
     masks = sparseopt.sparsify(model, 0.8, generator=torch.Generator().manual_seed(0))
     opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.01), masks, scale_ema=0.9, layers="all")
-    for x, y in batches(5):
+    return model, masks, opt
+
+
+def _sgd_steps(model, opt, n):
+    """Train ``n`` steps on the shared batches, yielding after each optimizer step."""
+    for x, y in batches(n):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        yield
+
+
+def test_smoothing_leaves_scales_unchanged_when_masks_do_not_change():
+    model, masks, opt = _smoothed_sparseopt()
+    for _ in _sgd_steps(model, opt, 5):
         for c, m in zip(opt.layer_scales(), masks.masks):
             torch.testing.assert_close(c, sparseopt.neuron_scales(m), rtol=1e-6, atol=0)
 
@@ -243,14 +255,9 @@ def test_smoothing_computes_the_fan_in_scale_once_per_mask_change(monkeypatch):
     calls = []
     real = mod.neuron_scales
     monkeypatch.setattr(mod, "neuron_scales", lambda mask: calls.append(1) or real(mask))
-    torch.manual_seed(0)
-    model = SmallConvNet()
-    masks = sparseopt.sparsify(model, 0.8, generator=torch.Generator().manual_seed(0))
-    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.01), masks, scale_ema=0.9, layers="all")
-    for x, y in batches(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, masks, opt = _smoothed_sparseopt()
+    for _ in _sgd_steps(model, opt, 3):
+        pass
     assert len(calls) == len(masks)  # smoothed every step, recomputed from the masks only when they change
     masks.mark_changed()
     opt.step()

@@ -104,6 +104,17 @@ def train_in_process(config: dict[str, Any], distributed: bool = False) -> dict[
     return train(TrainConfig(**config))
 
 
+def train_command(config_path: str | Path, nproc: int = 1) -> list[str]:
+    """The ``sparseopt train --config`` command of one run (under ``torch.distributed.run`` for ``nproc > 1``)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [sys.executable, *launcher, "-m", "sparseopt", "train", "--config", str(config_path)]
+
+
+def first_line(error: Exception) -> str:
+    """A job's error in one line (its full traceback is in the job's log folder)."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def device_slots(parallel: int = 1, gpus: list[str] | None = None, per_device: int = 1) -> list[str | None]:
     """One entry per run that may go at once: GPU ids round-robin (``per_device`` runs on each), or CPU slots."""
     if per_device < 1:
@@ -145,11 +156,7 @@ def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None =
             while todo and free and not stopping:
                 run, action = todo.pop(0)
                 slot = free.pop(0)
-                cfg_path = write_run_config(run, action, configs)
-                cmd = [sys.executable, "-m", "sparseopt", "train", "--config", str(cfg_path)]
-                if nproc_per_run > 1:
-                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_run}",
-                           "-m", "sparseopt", "train", "--config", str(cfg_path)]
+                cmd = train_command(write_run_config(run, action, configs), nproc_per_run)
                 env = dict(os.environ)
                 for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                     env.setdefault(var, str(threads))
@@ -188,8 +195,7 @@ def train_bundle(config_paths: list[str], threads: int) -> list[int]:
     """Entry point of a submitit job that packs several runs onto its one GPU: each a ``sparseopt train``
     subprocess, all at once, each with ``threads`` CPU threads. Returns their exit codes."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen([sys.executable, "-m", "sparseopt", "train", "--config", path], env=env)
-             for path in config_paths]
+    procs = [subprocess.Popen(train_command(path), env=env) for path in config_paths]
     return [proc.wait() for proc in procs]
 
 
@@ -226,8 +232,8 @@ def run_submitit(actions, out: Path, spec: SweepSpec, cluster: str | None = None
         try:
             job.result()
             results[name] = 0
-        except Exception as e:  # the job's own error is in its log folder
-            print(f"[sweep] FAILED {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
+        except Exception as e:
+            print(f"[sweep] FAILED {name}: {first_line(e)}", flush=True)
             results[name] = 1
     return results
 
@@ -238,9 +244,7 @@ def _submit_bundles(executor, pending, out: Path, per_device: int, spec: SweepSp
     threads = threads_per_run(per_device, int(spec.slurm.get("cpus_per_task", os.cpu_count() or 1)))
     jobs = []
     for bundle in bundles:
-        paths = []
-        for run, action in bundle:
-            paths.append(str(write_run_config(run, action, configs)))
+        paths = [str(write_run_config(run, action, configs)) for run, action in bundle]
         job = executor.submit(train_bundle, paths, threads)
         names = [run.name for run, _ in bundle]
         print(f"[sweep] submitted {len(names)} runs as job {job.job_id} (one GPU): {', '.join(names)}", flush=True)
@@ -252,7 +256,7 @@ def _submit_bundles(executor, pending, out: Path, per_device: int, spec: SweepSp
         try:
             codes = job.result()
         except Exception as e:
-            print(f"[sweep] FAILED job {job.job_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
+            print(f"[sweep] FAILED job {job.job_id}: {first_line(e)}", flush=True)
             codes = [1] * len(names)
         results.update(zip(names, codes))
     return results
