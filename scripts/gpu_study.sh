@@ -7,7 +7,7 @@
 # Needs .gpudata/{cifar10-jpeg.npz,unpack_cifar10.py} (copied from ../shared/gpu, git-ignored, carried).
 # DEADLINE_S (default 520) bounds the sweep: runs still going then are stopped cleanly (status
 # "interrupted", last epoch's checkpoint kept) and the report lists them as not completed.
-# OUT_DIR gets: report.md, report.json, summary.csv, curves.jsonl, neurons.png, curves.png, env.txt, sweep.log.
+# OUT_DIR gets: report.md, report.json, summary.csv, curves.jsonl.gz, neurons.png, curves.png, env.txt, sweep.log.
 # EXTRA_SET="epochs=1 train_subset=256" adds config overrides (a quick rehearsal on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ timeout --signal=TERM --kill-after=30 "$DEADLINE" \
   2>&1 | tee "$OUT/sweep.log"
 echo "sweep ended after ${SECONDS}s"
 for f in "$W"/sweep/.sweep/logs/*.log; do echo "== $(basename "$f")"; tail -n 2 "$f"; done >> "$OUT/sweep.log"
-python3 -m sparseopt report "$W/sweep" --out "$W/report" --curves "$OUT/curves.jsonl"
+python3 -m sparseopt report "$W/sweep" --out "$W/report" --curves "$OUT/curves.jsonl.gz"
 for f in report.md report.json summary.csv neurons.png curves.png; do
   [ -f "$W/report/$f" ] && cp "$W/report/$f" "$OUT/$f"
 done

@@ -1,3 +1,4 @@
+import gzip
 import json
 import math
 
@@ -181,6 +182,8 @@ def test_neuron_table_and_figure_keep_settings_apart(tmp_path):
     curves = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
     assert {c["epochs"][-1]["bn_sigma/fan_in_slope"] for c in curves} == {0.41, 0.47}
     assert {c["group"].split(":")[0] for c in curves} == {"set", "static"}  # figure labels name the DST method
+    report([runs], tmp_path / "report", curves=tmp_path / "curves.jsonl.gz")  # compressed when the name says so
+    assert gzip.decompress((tmp_path / "curves.jsonl.gz").read_bytes()).decode() == (tmp_path / "curves.jsonl").read_text()
     md = (tmp_path / "report" / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| cifar100 / resnet20 /")]
     assert [row.split(" | ")[0] for row in rows] == ["| cifar100 / resnet20 / set", "| cifar100 / resnet20 / static"]

@@ -25,6 +25,7 @@ are listed in the report, never silently dropped.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections import defaultdict
@@ -34,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ..train.io import read_metrics, write_json
+from ..train.io import atomic_write, read_metrics, write_json
 from .figures import epoch_axis, pyplot, save_figure, write_csv, write_text
 
 # The axes of the paper's tables; runs are grouped by every method key (below), not by these alone.
@@ -433,7 +434,10 @@ def _compact(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_curves(records: list[RunRecord], path: str | Path) -> Path:
-    """One JSON line per run: its method config, seed, status, per-epoch metrics and per-update records (compact)."""
+    """One JSON line per run: its method config, seed, status, per-epoch metrics and per-update records (compact).
+
+    A path ending in ``.gz`` is written gzip-compressed (about a tenth of the size: for committed results).
+    """
     groups = {id(r): label for label, runs in labelled_groups(records) for r in runs}
     lines = []
     for r in records:
@@ -444,7 +448,10 @@ def write_curves(records: list[RunRecord], path: str | Path) -> Path:
             "epochs": [_compact(m) for m in r.metrics],
             "updates": [_compact(u) for u in read_metrics(r.path, event="update")],
         }, default=str))
-    return write_text(path, "\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if str(path).endswith(".gz"):
+        return atomic_write(path, lambda f: f.write(gzip.compress(text.encode(), mtime=0)))
+    return write_text(path, text)
 
 
 def report(paths: list[str | Path], out: str | Path, curves: str | Path | None = None) -> dict[str, Any]:
