@@ -14,6 +14,7 @@ Typical use::
 
 from .masks import (
     DISTRIBUTIONS,
+    STRUCTURES,
     MaskedLayer,
     MaskSet,
     active_counts,
@@ -24,6 +25,7 @@ from .masks import (
     select_layers,
     sparse_init_,
     sparsify,
+    Structure,
 )
 from .models import MODELS
 from .optim import HAM, OptimizerWrapper, SparseOpt, ham_update_, neuron_scales
@@ -61,6 +63,8 @@ __all__ = [
     "OptimizerWrapper",
     "RigL",
     "SET",
+    "STRUCTURES",
+    "Structure",
     "SparseOpt",
     "Static",
     "active_counts",

@@ -25,7 +25,11 @@ def main():
         stop_after = int(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
     corrupt = "--corrupt-mask-on-rank-1" in argv
-    argv = [a for a in argv if a != "--corrupt-mask-on-rank-1"]
+    if "--unsync-bn-stats" in argv:  # the defect of issue 18: per-rank BatchNorm statistics into c_i
+        import sparseopt.optim.sparseopt as so
+
+        so.mean_over_ranks = lambda tensors, group=None: tensors
+    argv = [a for a in argv if a not in ("--corrupt-mask-on-rank-1", "--unsync-bn-stats")]
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
     cfg = parse_train_args(parser, argv)

@@ -32,11 +32,16 @@ def test_skew_on_real_mnist(real_mnist, tmp_path):
     assert by_norm["layernorm"]["norm_factor_cv"] < 1e-9
     assert by_norm["layernorm"]["norm_factor_mean"] == pytest.approx(3.16, rel=0.10)
     assert by_norm["batchnorm"]["norm_factor_cv"] > 0.05  # BN's factor is per neuron
-    # per neuron: ratio ~ (1 - s_i)^-1/2 before, no trend after SparseOpt's scaling
-    assert s["per_neuron_slope"]["before"] == pytest.approx(-0.5, abs=0.1)
-    assert abs(s["per_neuron_slope"]["after"]) < 0.1
+    # per neuron, BatchNorm: ratio ~ (1 - s_i)^-1/2 before, no trend after SparseOpt's scaling
+    slope = s["per_neuron_slope"]
+    assert slope["batchnorm"]["before"] == pytest.approx(-0.5, abs=0.1)
+    assert abs(slope["batchnorm"]["sparseopt"]) < 0.1 and abs(slope["batchnorm"]["paper_c"]) < 0.1
+    # LayerNorm has no per-neuron skew; the paper's c_i would create one (+0.5), SparseOpt leaves it alone
+    assert abs(slope["layernorm"]["before"]) < 0.1 and abs(slope["layernorm"]["sparseopt"]) < 0.1
+    assert slope["layernorm"]["paper_c"] == pytest.approx(0.5, abs=0.1)
+    assert abs(slope["none"]["sparseopt"]) < 0.1
     assert len((tmp_path / "skew.csv").read_text().splitlines()) == 1 + 3  # header + one row per norm
-    assert len((tmp_path / "per_neuron.csv").read_text().splitlines()) == 1 + 3 * 64  # 3 inits x 64 neurons
+    assert len((tmp_path / "per_neuron.csv").read_text().splitlines()) == 1 + 3 * 3 * 64  # 3 norms x 3 inits x 64
     assert (tmp_path / "skew.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

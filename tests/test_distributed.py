@@ -77,6 +77,26 @@ def test_check_masks_detects_divergence(tmp_path):
     assert "masks differ across ranks after the topology update at step 5" in proc.stdout + proc.stderr
 
 
+BN = ["--dst", "rigl", "--mlp-norm", "batchnorm", "--optimizer", "sparseopt", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("source", ["fan_in", "bn_stats"])
+def test_sparseopt_replicas_stay_bitwise_equal_with_batchnorm(tmp_path, source):
+    # BatchNorm's running variance differs per rank; bn_stats scales read from it must not make the weights drift.
+    check(launch(tmp_path / "ddp", tmp_path / "run", [*BN, "--scale-source", source], 2))
+    r0 = torch.load(tmp_path / "ddp/rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp/rank1.pt", weights_only=True)
+    for key, value in r0["model"].items():
+        if "running" not in key and "num_batches" not in key:  # the statistics themselves are per rank
+            assert torch.equal(value, r1["model"][key]), key
+
+
+def test_check_masks_detects_weights_that_drift_with_equal_masks(tmp_path):
+    proc = launch(tmp_path / "bad", tmp_path / "bad_run", [*BN, "--scale-source", "bn_stats", "--unsync-bn-stats"], 2)
+    assert proc.returncode != 0
+    assert "weights differ across ranks at step 5 although the masks are equal" in proc.stdout + proc.stderr
+
+
 def test_two_process_runs_exit_cleanly_every_time(tmp_path):
     # Rank 1 used to abort at exit ("terminate called without an active exception", SIGABRT) in about one run
     # in six: the DDP wrapper kept the gloo process group alive past destroy_process_group, so its threads were

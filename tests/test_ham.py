@@ -179,3 +179,73 @@ def test_dense_run_with_ham_and_renorm(tmp_path):
     cfg = make_config(overrides={"dst": "dense", "optimizer": "sgd", "ham": True})
     run = build_run(cfg.validate(), make_model(cfg), total_steps=10, peak_lr=0.1)
     assert isinstance(run.optimizer, sparseopt.HAM) and run.masks is None
+
+
+def _authors_step(params, grads, lr, alpha=200.0, beta=1e-3, max_weight_norm=1000.0, max_grad_norm=20.0):
+    """An independent re-derivation of the authors' HamOptimizerWrapper step (TomJacobs05/HAM) after plain SGD,
+    element by element in float64 Python: SGD step; HAM on tensors of ndim >= 2 and nonzero entries; weight-norm
+    clip of every parameter; the group's gradient norm clipped after the step. Returns (weights, grads) as lists."""
+    out_w, out_g = [], []
+    for w, g in zip(params, grads):
+        flat_w, flat_g = w.double().flatten().tolist(), g.double().flatten().tolist()
+        new = [wi - lr * gi for wi, gi in zip(flat_w, flat_g)]
+        if w.dim() >= 2:
+            new = [wi if wi == 0 else wi * math.exp(max(-5.0, min(5.0, lr * (-alpha * math.copysign(1.0, wi) * gi - beta))))
+                   for wi, gi in zip(new, flat_g)]
+        norm = math.sqrt(sum(v * v for v in new))
+        if norm > max_weight_norm:
+            new = [v * max_weight_norm / norm for v in new]
+        out_w.append(torch.tensor(new, dtype=torch.float64).reshape(w.shape))
+        out_g.append(flat_g)
+    total = math.sqrt(sum(v * v for g in out_g for v in g))
+    factor = min(1.0, max_grad_norm / (total + 1e-6))  # torch's clip_grad_norm_ adds 1e-6, as the authors call it
+    return out_w, [torch.tensor([v * factor for v in g], dtype=torch.float64).reshape(p.shape) for g, p in zip(out_g, params)]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_ham_matches_an_independent_rederivation_of_the_authors_code(foreach):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=g) * 0.3
+    weight[0, :2] = 0.0                                     # masked entries stay zero
+    big = torch.full((4, 4), 400.0)                         # norm 1600 > 1000: clipped
+    bias = torch.full((30,), 200.0)                         # 1-D: no HAM step, but its norm (1095) is clipped too
+    grads = [torch.randn(6, 5, generator=g) * 30, torch.randn(4, 4, generator=g), torch.randn(30, generator=g) * 10]
+    grads[0][1, 1] = 500.0                                  # exponent clamped at -5 or +5
+    grads[0][0, :2] = 0.0                                   # masked: no gradient, so the base step keeps them at 0
+    params = [nn.Parameter(t.clone()) for t in (weight, big, bias)]
+    lr = 0.05
+    opt = sparseopt.HAM(torch.optim.SGD(params, lr=lr), foreach=foreach)  # the authors' defaults
+    assert (opt.alpha, opt.beta, opt.max_weight_norm, opt.max_grad_norm) == (200.0, 1e-3, 1000.0, 20.0)
+    for p, grad in zip(params, grads):
+        p.grad = grad.clone()
+    opt.step()
+    want_w, want_g = _authors_step([weight, big, bias], grads, lr)
+    for p, w, gr in zip(params, want_w, want_g):
+        torch.testing.assert_close(p.detach().double(), w, rtol=2e-6, atol=1e-9)
+        torch.testing.assert_close(p.grad.double(), gr, rtol=2e-6, atol=1e-9)
+    assert params[0][0, :2].eq(0).all()
+    assert params[1].norm().item() == pytest.approx(1000.0, rel=1e-6)
+    assert params[2].norm().item() == pytest.approx(1000.0, rel=1e-6)
+    assert sum(p.grad.pow(2).sum() for p in params).sqrt().item() == pytest.approx(20.0, rel=1e-5)
+
+
+def test_ham_gradient_clip_after_the_step_changes_nothing_in_sparseopts_loop():
+    # RigL reads the gradient before optimizer.step(), so the authors' post-step clip cannot change what it grows.
+    def train(max_grad_norm):
+        torch.manual_seed(0)
+        model = SmallConvNet()
+        masks = sparseopt.sparsify(model, 0.8, generator=torch.Generator().manual_seed(0))
+        opt = sparseopt.SparseOpt(sparseopt.HAM(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
+                                                max_grad_norm=max_grad_norm), masks)
+        rigl = sparseopt.RigL(masks, opt, delta_t=2, alpha=0.5, total_steps=12)
+        for x, y in batches(12, seed=3):
+            opt.zero_grad()
+            (1000 * nn.functional.cross_entropy(model(x), y)).backward()  # gradients far above the clip norm
+            rigl.step()
+            opt.step()
+        return model, masks
+
+    clipped, no_clip = train(1e-3), train(None)
+    assert all(torch.equal(a, b) for a, b in zip(clipped[1].masks, no_clip[1].masks))
+    for a, b in zip(clipped[0].parameters(), no_clip[0].parameters()):
+        assert torch.equal(a, b)

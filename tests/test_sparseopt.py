@@ -58,6 +58,7 @@ def _sgd_model(precondition=True, **kw):
     masks = sparseopt.sparsify(model, 0.8, generator=torch.Generator().manual_seed(0))
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     kw.setdefault("layers", "all")  # these tests check the scaling itself on every masked layer
+    kw.setdefault("scale_source", "fan_in")  # the paper's c_i, computed from the masks alone
     return model, masks, sparseopt.SparseOpt(base, masks, precondition=precondition, **kw)
 
 

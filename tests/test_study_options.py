@@ -118,7 +118,8 @@ def _smoothed_sparseopt():
     torch.manual_seed(0)
     model = SmallConvNet()
     masks = sparseopt.sparsify(model, 0.8, generator=torch.Generator().manual_seed(0))
-    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.01), masks, scale_ema=0.9, layers="all")
+    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.01), masks, scale_ema=0.9, layers="all",
+                              scale_source="fan_in")
     return model, masks, opt
 
 
@@ -254,7 +255,7 @@ def test_smoothing_computes_the_fan_in_scale_once_per_mask_change(monkeypatch):
 
     calls = []
     real = mod.neuron_scales
-    monkeypatch.setattr(mod, "neuron_scales", lambda mask: calls.append(1) or real(mask))
+    monkeypatch.setattr(mod, "neuron_scales", lambda mask, group=1: calls.append(1) or real(mask, group))
     model, masks, opt = _smoothed_sparseopt()
     for _ in _sgd_steps(model, opt, 3):
         pass

@@ -62,6 +62,13 @@ def test_shipped_sweeps_expand():
         resolved = {resolve_method(r.config)["prune_score"] for r in expand(load_sweep(REPO / f"configs/sweeps/{name}.yaml"), "/tmp/unused")
                     if r.config.optimizer != "sgd" and "prune_score" not in r.name}
         assert resolved == {"magnitude"}, name
+    # ... and the fan-in scale they ran with, now that the default scale is bn_stats.
+    historic = ("gpu_rigl_cifar10", "gpu_rigl_cifar10_seeds34", "rigl98_cpu_hypotheses", "rigl98_cpu_longer",
+                "rigl98_cpu_longer_seeds34", "rigl98_cpu_proxy", "rigl98_cpu_sigma", "rigl_cpu_followup",
+                "study_cifar10_resnet20", "study_itop_mnist", "study_mnist_mlp")
+    for name in historic:
+        for r in expand(load_sweep(REPO / f"configs/sweeps/{name}.yaml"), "/tmp/unused"):
+            assert resolve_method(r.config)["scale_source"] == ("bn_stats" if "bn_stats" in r.name else "fan_in"), r.name
 
 
 def test_variant_seeds_and_device_slots():

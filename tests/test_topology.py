@@ -67,7 +67,7 @@ def test_corrected_growth_gradient_uses_sparseopt_scales():
         with torch.no_grad():
             model[0].weight.copy_(weight)
         masks = sparseopt.MaskSet(model, {"0": mask.clone()})
-        opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.1), masks, layers="all")
+        opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.1), masks, layers="all", scale_source="fan_in")
         model[0].weight.grad = grad.clone()
         sparseopt.RigL(masks, opt, delta_t=1, t_end=10, growth_gradient=growth).update(0.25)  # drop 1
         grown = masks["0"] & ~mask

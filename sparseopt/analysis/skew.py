@@ -9,8 +9,11 @@ initialisation; first-layer gradients are taken on ``batches`` mini-batches of
 ``1 / sqrt(1 - s)``.
 
 The per-neuron view uses a mask whose neuron sparsities ``s_i`` spread over
-``[s_lo, s_hi]`` and reports each neuron's ratio against ``s_i``, before and
-after SparseOpt's scaling ``c_i = sqrt(n_i / n_avg)``.
+``[s_lo, s_hi]`` and reports, for each normalization, the slope of each
+neuron's log ratio against ``log(1 - s_i)``: raw, after the paper's per-neuron
+``c_i = sqrt(n_i / n_avg)``, and after the scale SparseOpt applies behind that
+normalization (:mod:`sparseopt.optim.norms`: per neuron behind BatchNorm, per
+group behind GroupNorm, none behind LayerNorm / RMSNorm).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import torch
 from torch import nn
 
 from ..masks.maskset import random_mask
-from ..models.mlp import MLP
+from ..models.mlp import MLP, NORMS, make_norm
+from ..optim.norms import norm_group_size, removes_skew
 from ..optim.preconditioner import neuron_scales
 
-NORM_CHOICES = ("batchnorm", "none", "layernorm")
+NORM_CHOICES = NORMS
+SHARED_NORMS = ("layernorm", "rmsnorm")  # one statistic over all neurons of a sample
 
 
 def mnist_inputs(images: torch.Tensor, mean: float = 0.1307, std: float = 0.3081) -> torch.Tensor:
@@ -37,7 +42,8 @@ class SkewResult:
     ratio: float  # mean |g_sparse| / mean |g_dense| over active entries
     neuron_ratio: torch.Tensor  # per neuron, same definition
     neuron_sparsity: torch.Tensor  # s_i of the mask
-    scales: torch.Tensor  # SparseOpt's c_i for the mask
+    scales: torch.Tensor  # the paper's per-neuron c_i for the mask
+    sparseopt_scales: torch.Tensor  # the c SparseOpt applies behind this normalization (ones: not preconditioned)
     neuron_factor: torch.Tensor  # normalisation-scale ratio sigma_dense / sigma_sparse seen by each neuron
 
 
@@ -81,8 +87,20 @@ def gradient_ratio(
         neuron_ratio=neuron_ratio,
         neuron_sparsity=1.0 - fan / mask.shape[1],
         scales=neuron_scales(mask).double(),
+        sparseopt_scales=sparseopt_scales(mask, norm).double(),
         neuron_factor=factor / batches,
     )
+
+
+def sparseopt_scales(mask: torch.Tensor, norm: str) -> torch.Tensor:
+    """The ``c`` SparseOpt (``layers="normalized"``) applies to a Linear layer of ``mask`` followed by ``norm``."""
+    layer, module = nn.Linear(mask.shape[1], mask.shape[0]), make_norm(norm, mask.shape[0])
+    if module is None:
+        return torch.ones(mask.shape[0])
+    group = norm_group_size(module, layer, torch.empty(1, mask.shape[0]))
+    if not removes_skew(group, mask.shape[0]):
+        return torch.ones(mask.shape[0])
+    return neuron_scales(mask, group)
 
 
 def normalisation_factor(z_dense: torch.Tensor, z_sparse: torch.Tensor, norm: str) -> torch.Tensor:
@@ -91,14 +109,20 @@ def normalisation_factor(z_dense: torch.Tensor, z_sparse: torch.Tensor, norm: st
     BatchNorm divides neuron ``i`` by its own batch std: factor ``sigma_i(dense) / sigma_i(sparse)``,
     one per neuron. LayerNorm divides every neuron of a sample by the same layer std: the factor
     ``sigma(dense) / sigma(sparse)`` (averaged over samples) is shared by all neurons (appendix D).
-    Without normalisation the factor is 1.
+    RMSNorm the same with the root mean square; GroupNorm per group of neurons. Without normalisation the factor is 1.
     """
+    width = z_dense.shape[1]
     if norm == "batchnorm":
         return (z_dense.std(0, unbiased=False) / z_sparse.std(0, unbiased=False).clamp_min(1e-12)).double()
-    if norm == "layernorm":
-        shared = (z_dense.std(1, unbiased=False) / z_sparse.std(1, unbiased=False).clamp_min(1e-12)).mean()
-        return shared.double().expand(z_dense.shape[1]).clone()
-    return torch.ones(z_dense.shape[1], dtype=torch.float64)
+    if norm in SHARED_NORMS:
+        spread = (lambda z: z.pow(2).mean(1).sqrt()) if norm == "rmsnorm" else (lambda z: z.std(1, unbiased=False))
+        shared = (spread(z_dense) / spread(z_sparse).clamp_min(1e-12)).mean()
+        return shared.double().expand(width).clone()
+    if norm == "groupnorm":
+        groups = make_norm(norm, width).num_groups
+        dense, sparse = (z.reshape(len(z), groups, -1).std(2, unbiased=False) for z in (z_dense, z_sparse))
+        return (dense / sparse.clamp_min(1e-12)).mean(0).repeat_interleave(width // groups).double()
+    return torch.ones(width, dtype=torch.float64)
 
 
 def uniform_random_mask(shape, sparsity: float, generator: torch.Generator) -> torch.Tensor:
@@ -155,14 +179,14 @@ def run_skew(
 
     out = Path(out)
     rows, summary = [], {}
-    total, done = (len(norms) * len(sparsities) + 1) * inits, 0
+    total, done = len(norms) * (len(sparsities) + 1) * inits, 0
     for norm in norms:
         for s in sparsities:
             ratios, neuron_cv, factors, factor_cv = [], [], [], []
             for k in range(inits):
                 gen = torch.Generator().manual_seed(seed + k)
                 # LayerNorm's theory is for uniform neuron sparsity: give every neuron the same fan-in.
-                mask = (row_uniform_mask if norm == "layernorm" else uniform_random_mask)((64, inputs.shape[1]), s, gen)
+                mask = (row_uniform_mask if norm in SHARED_NORMS else uniform_random_mask)((64, inputs.shape[1]), s, gen)
                 r = gradient_ratio(inputs, labels, mask, norm, batches, batch_size, seed + k)
                 done += 1
                 if progress is not None:
@@ -176,28 +200,32 @@ def run_skew(
                          "ratio_std": t.std().item() if inits > 1 else 0.0,
                          "theory_bn": (1 - s) ** -0.5, "neuron_ratio_cv": sum(neuron_cv) / inits,
                          "norm_factor_mean": sum(factors) / inits, "norm_factor_cv": sum(factor_cv) / inits, "inits": inits})
-    # Per-neuron view: BN with neuron sparsities spread over [s_lo, s_hi], before and after SparseOpt's scaling.
+    # Per-neuron view, for each normalization: neuron sparsities spread over [s_lo, s_hi]; the slope of each
+    # neuron's gradient ratio raw, after the paper's per-neuron c_i, and after what SparseOpt applies there.
     neuron_rows = []
-    slopes = {"before": [], "after": []}
-    for k in range(inits):
-        mask = spread_mask((64, inputs.shape[1]), spread[0], spread[1], torch.Generator().manual_seed(seed + k))
-        r = gradient_ratio(inputs, labels, mask, "batchnorm", batches, batch_size, seed + k)
-        done += 1
-        if progress is not None:
-            progress(done, total)
-        corrected = r.neuron_ratio * r.scales
-        slopes["before"].append(trend(r.neuron_sparsity, r.neuron_ratio))
-        slopes["after"].append(trend(r.neuron_sparsity, corrected))
-        for i in range(len(r.neuron_ratio)):
-            neuron_rows.append({"init": k, "neuron": i, "neuron_sparsity": r.neuron_sparsity[i].item(),
-                                "ratio": r.neuron_ratio[i].item(), "scale_c": r.scales[i].item(),
-                                "ratio_after_sparseopt": corrected[i].item()})
+    slopes = {norm: {"before": [], "paper_c": [], "sparseopt": []} for norm in norms}
+    for norm in norms:
+        for k in range(inits):
+            mask = spread_mask((64, inputs.shape[1]), spread[0], spread[1], torch.Generator().manual_seed(seed + k))
+            r = gradient_ratio(inputs, labels, mask, norm, batches, batch_size, seed + k)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            paper, ours = r.neuron_ratio * r.scales, r.neuron_ratio * r.sparseopt_scales
+            for key, ratio in (("before", r.neuron_ratio), ("paper_c", paper), ("sparseopt", ours)):
+                slopes[norm][key].append(trend(r.neuron_sparsity, ratio))
+            for i in range(len(r.neuron_ratio)):
+                neuron_rows.append({"norm": norm, "init": k, "neuron": i, "neuron_sparsity": r.neuron_sparsity[i].item(),
+                                    "ratio": r.neuron_ratio[i].item(), "scale_c": r.scales[i].item(),
+                                    "ratio_after_paper_c": paper[i].item(), "sparseopt_c": r.sparseopt_scales[i].item(),
+                                    "ratio_after_sparseopt": ours[i].item()})
     summary = {
         "setup": {"batches": batches, "batch_size": batch_size, "inits": inits, "seed": seed, "spread": list(spread),
                   "examples": len(labels)},
         "ratios": rows,
-        "per_neuron_slope": {k: sum(v) / len(v) for k, v in slopes.items()},
-        "per_neuron_slope_theory": {"before": -0.5, "after": 0.0},
+        # Per norm: raw, after the paper's per-neuron c_i, after SparseOpt's c (theory: BatchNorm -0.5 raw, 0 after).
+        "per_neuron_slope": {norm: {k: sum(v) / len(v) for k, v in d.items()} for norm, d in slopes.items()},
+        "per_neuron_slope_theory": {"batchnorm": {"before": -0.5, "paper_c": 0.0, "sparseopt": 0.0}},
     }
     write_csv(out / "skew.csv", rows)
     write_csv(out / "per_neuron.csv", neuron_rows)
@@ -209,23 +237,26 @@ def run_skew(
         sel = [r for r in rows if r["norm"] == norm]
         xs = [r["theory_bn"] for r in sel]
         axes[0].errorbar(xs, [r["ratio_mean"] for r in sel], yerr=[r["ratio_std"] for r in sel], marker="o",
-                         capsize=3, color=f"C{i}", label={"batchnorm": "with BatchNorm", "none": "without normalisation",
-                                                          "layernorm": "with LayerNorm (uniform fan-in)"}[norm])
+                         capsize=3, color=f"C{i}", label="without normalisation" if norm == "none" else
+                         f"with {norm}" + (" (uniform fan-in)" if norm in SHARED_NORMS else ""))
     lim = max(r["theory_bn"] for r in rows)
     axes[0].plot([1, lim], [1, lim], "k--", lw=1, label="theory 1/sqrt(1-s)")
     axes[0].set(xlabel="1 / sqrt(1 - s)", ylabel="mean |g_sparse| / mean |g_dense|",
                 title="First-layer gradient ratio at initialisation")
     axes[0].legend()
     axes[0].grid(alpha=0.3)
-    s_i = torch.tensor([r["neuron_sparsity"] for r in neuron_rows])
-    axes[1].scatter(s_i, [r["ratio"] for r in neuron_rows], s=8, alpha=0.5, label="BatchNorm, raw gradient")
-    axes[1].scatter(s_i, [r["ratio_after_sparseopt"] for r in neuron_rows], s=8, alpha=0.5,
-                    label="after SparseOpt scaling c_i")
+    for i, norm in enumerate(norms):
+        sel = [r for r in neuron_rows if r["norm"] == norm]
+        s_i = [r["neuron_sparsity"] for r in sel]
+        d = summary["per_neuron_slope"][norm]
+        axes[1].scatter(s_i, [r["ratio"] for r in sel], s=6, alpha=0.35, color=f"C{i}", marker="o",
+                        label=f"{norm}, raw (slope {d['before']:.2f})")
+        axes[1].scatter(s_i, [r["ratio_after_sparseopt"] for r in sel], s=6, alpha=0.35, color=f"C{i}", marker="x",
+                        label=f"{norm}, after SparseOpt (slope {d['sparseopt']:.2f})")
     grid = torch.linspace(spread[0], spread[1], 50)
     axes[1].plot(grid, (1 - grid) ** -0.5, "k--", lw=1, label="1/sqrt(1 - s_i)")
     axes[1].set(xlabel="neuron sparsity s_i", ylabel="per-neuron gradient ratio", yscale="log",
-                title=f"Per neuron (slope of log ratio: {summary['per_neuron_slope']['before']:.2f} -> "
-                      f"{summary['per_neuron_slope']['after']:.2f})")
+                title="Per neuron, before and after SparseOpt's c")
     axes[1].legend()
     axes[1].grid(alpha=0.3)
     save_figure(fig, out / "skew.png")

@@ -61,9 +61,10 @@ def cmd_skew(argv: list[str]) -> int:
     for r in summary["ratios"]:
         print(f"{r['norm']:>10} {r['sparsity']:8.2f} {r['ratio_mean']:7.3f} +- {r['ratio_std']:.3f} {r['theory_bn']:11.3f} "
               f"{r['norm_factor_mean']:11.3f}")
-    slope = summary["per_neuron_slope"]
-    print(f"per-neuron slope of log ratio vs log(1 - s_i): {slope['before']:.3f} raw (theory -0.5), "
-          f"{slope['after']:.3f} after SparseOpt (theory 0)")
+    print("per-neuron slope of log ratio vs log(1 - s_i) (BatchNorm theory: -0.5 raw, 0 after; no skew: 0)")
+    print(f"{'norm':>10} {'raw':>7} {'paper c_i':>9} {'SparseOpt':>9}")
+    for norm, d in summary["per_neuron_slope"].items():
+        print(f"{norm:>10} {d['before']:7.3f} {d['paper_c']:9.3f} {d['sparseopt']:9.3f}")
     _print_written(out, ["skew.csv", "per_neuron.csv", "skew.json", "skew.png"])
     return 0
 

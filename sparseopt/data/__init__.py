@@ -38,6 +38,14 @@ DATASETS: dict[str, DatasetInfo] = {
     "imagefolder": DatasetInfo(None, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
 }
 FOLDER_DATASETS = ("imagenet", "imagefolder")
+_DIGITS = [str(i) for i in range(10)]
+# Label index -> name, for the datasets whose names are fixed (folder datasets: the class folders, sorted).
+CLASS_NAMES: dict[str, list[str]] = {
+    "mnist": _DIGITS, "bundled_mnist": _DIGITS,
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
 
 
 def load_bundled_mnist(train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

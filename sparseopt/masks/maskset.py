@@ -19,6 +19,7 @@ from torch import nn
 
 from .distributions import active_counts, check_sparsity, layer_densities
 from .neurons import fan_in, neuron_shape, neuron_sparsity
+from .structure import Structure, check_structure
 
 logger = logging.getLogger("sparseopt")
 
@@ -175,11 +176,14 @@ class MaskSet:
         layers: the masked layers, in model order.
         version: incremented whenever any mask changes (topology update,
             ``load_state_dict``); consumers cache per-mask quantities on it.
+        structure: the :class:`~sparseopt.masks.structure.Structure` every mask keeps
+            (unstructured, constant fan-in, N:M); topology updates preserve it.
     """
 
-    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], structure: Structure | str = "unstructured"):
         modules = dict(model.named_modules())
         self.model = model
+        self.structure = Structure.parse(structure)
         self.layers: list[MaskedLayer] = []
         self.version = 0
         self._hooks = []
@@ -208,6 +212,9 @@ class MaskSet:
             self.layers.append(layer)
         if not self.layers:
             raise ValueError("a MaskSet needs at least one mask")
+        for layer in self.layers:
+            self.structure.check_shape(layer.name, tuple(layer.mask.shape))
+        check_structure(self.structure, self.names, self.masks, "as given")
         # ITOP: union over time of all masks (Liu et al. 2021).
         self._explored = [layer.mask.clone() for layer in self.layers]
         # Connections added by the last topology update (None before the first one):
@@ -355,6 +362,7 @@ class MaskSet:
             "masks": [m.clone() for m in self.masks],
             "explored": [e.clone() for e in self._explored],
             "grown": None if self.grown is None else [g.clone() for g in self.grown],
+            "structure": self.structure.to_dict(),
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -363,6 +371,10 @@ class MaskSet:
                 f"checkpoint masks are for layers {list(state['names'])}, this MaskSet has {self.names}: "
                 "is the checkpoint from another model or sparsity configuration?"
             )
+        saved = Structure(**state.get("structure", {"kind": "unstructured"}))  # older checkpoints: unstructured
+        if saved != self.structure:
+            raise ValueError(f"checkpoint masks have the {saved} structure, this MaskSet has {self.structure}")
+        check_structure(self.structure, self.names, list(state["masks"]), "in the checkpoint")
         for layer, mask, name in zip(self.layers, state["masks"], self.names):
             if tuple(mask.shape) != tuple(layer.mask.shape):
                 raise ValueError(f"checkpoint mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(layer.mask.shape)}")
@@ -411,6 +423,8 @@ def sparsify(
     init: str = "dense",
     generator: torch.Generator | None = None,
     embeddings: bool = False,
+    structure: str | Structure = "unstructured",
+    nm: str | tuple[int, int] | None = None,
 ) -> MaskSet:
     """Mask a model's Conv/Linear weights at global ``sparsity`` with random masks.
 
@@ -426,13 +440,21 @@ def sparsify(
             ``"sparse"`` re-draws active weights with the per-neuron fan-in (Evci et al. 2022).
         generator: seeds the random masks (and sparse init); ``None`` uses torch's global RNG.
         embeddings: also mask nn.Embedding tables (off by default: rows of an embedding are not neurons).
+        structure: ``"unstructured"`` (default), ``"constant_fan_in"`` (every neuron of a layer
+            keeps ``round(density * fan_in)`` inputs, the layer densities of ``distribution``;
+            SRigL) or ``"nm"`` with ``nm="N:M"`` (exactly N active in every M consecutive inputs;
+            ``sparsity`` must then be ``1 - N/M``). See :mod:`sparseopt.masks.structure`.
 
     Returns:
         the :class:`MaskSet`; the global number of active weights is
         ``round((1 - S) * total)`` exactly (up to one weight per layer when a
-        layer is too small to hold its share).
+        layer is too small to hold its share; constant fan-in rounds each layer
+        to a whole number of inputs per neuron).
     """
     sparsity = check_sparsity(sparsity)
+    structure = Structure.parse(structure, nm)
+    if structure.density is not None and abs((1 - sparsity) - structure.density) > 1e-9:
+        raise ValueError(f"structure {structure} fixes the sparsity at {1 - structure.density:g}; got sparsity={sparsity:g}")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}")
     chosen = select_layers(model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last,
@@ -443,8 +465,11 @@ def sparsify(
     shapes = [tuple(w.shape) for w in weights]
     densities = layer_densities(names, shapes, sparsity, distribution, power_scale=power_scale, custom=custom)
     counts = active_counts([w.numel() for w in weights], densities, exact_total=distribution != "custom")
-    masks = {name: random_mask(w.shape, count, generator, w.device) for name, w, count in zip(names, weights, counts)}
-    mask_set = MaskSet(model, masks)
+    for name, shape in zip(names, shapes):
+        structure.check_shape(name, shape)
+    draw = structure.random_mask if structure.grouped else random_mask
+    masks = {name: draw(w.shape, count, generator, w.device) for name, w, count in zip(names, weights, counts)}
+    mask_set = MaskSet(model, masks, structure)
     if init == "sparse":
         sparse_init_(mask_set, generator=generator)
     dense = mask_set.unmasked_weights()

@@ -1,15 +1,32 @@
-"""The MLP of the paper's gradient experiment (appendix E.3): 784-64-10, optional BatchNorm / LayerNorm.
+"""The MLP of the paper's gradient experiment (appendix E.3): 784-64-10, optional normalization.
 
 ``hidden`` may list several widths (e.g. ``[256, 256]``); a norm layer follows every hidden Linear.
+``groupnorm`` uses ``gcd(32, width)`` groups (32 as Wu & He, 2 neurons a group at width 64).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import nn
 
-NORMS = ("none", "batchnorm", "layernorm")
+NORMS = ("none", "batchnorm", "layernorm", "groupnorm", "rmsnorm")
+
+
+def make_norm(norm: str, width: int) -> nn.Module | None:
+    """The normalization layer named ``norm`` over ``width`` features (``None`` for ``"none"``)."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
+    if norm == "rmsnorm" and not hasattr(nn, "RMSNorm"):
+        raise ValueError("norm='rmsnorm' needs torch >= 2.4 (nn.RMSNorm)")
+    return {
+        "none": lambda: None,
+        "batchnorm": lambda: nn.BatchNorm1d(width),
+        "layernorm": lambda: nn.LayerNorm(width),
+        "groupnorm": lambda: nn.GroupNorm(math.gcd(32, width), width),
+        "rmsnorm": lambda: nn.RMSNorm(width),
+    }[norm]()
 
 
 class MLP(nn.Sequential):
@@ -23,10 +40,8 @@ class MLP(nn.Sequential):
         prev = in_features
         for width in widths:
             layers.append(nn.Linear(prev, width))
-            if norm == "batchnorm":
-                layers.append(nn.BatchNorm1d(width))
-            elif norm == "layernorm":
-                layers.append(nn.LayerNorm(width))
+            if norm != "none":
+                layers.append(make_norm(norm, width))
             layers.append(nn.ReLU())
             prev = width
         layers.append(nn.Linear(prev, num_classes))

@@ -17,17 +17,28 @@ import torch
 from ..masks.neurons import fan_in, neuron_shape
 
 
-def neuron_scales(mask: torch.Tensor) -> torch.Tensor:
+def neuron_scales(mask: torch.Tensor, group_size: int = 1) -> torch.Tensor:
     """``c_i = sqrt(n_i / n_avg)`` for each output neuron of a weight mask, shape ``(out,)``.
 
-    * all ones when every neuron has the same fan-in (dense, N:M, constant fan-in);
+    ``group_size``: consecutive neurons that share one normalization statistic
+    (:func:`sparseopt.optim.norms.norm_group_size`; 1 for BatchNorm). Their
+    skew is common to the group, so ``n_i`` is replaced by the group's mean
+    fan-in; ``group_size = out`` gives ones (nothing to cancel).
+
+    * all ones when every neuron (group) has the same fan-in (dense, N:M, constant fan-in);
     * zero for a neuron with no active weight;
     * all zeros for an all-zero mask.
     """
     n = fan_in(mask).to(torch.float32)
+    alive = n > 0
+    if group_size > 1:
+        if n.numel() % group_size:
+            raise ValueError(f"group_size {group_size} does not divide the layer's {n.numel()} neurons")
+        n = n.reshape(-1, group_size).mean(1).repeat_interleave(group_size)
     n_avg = n.mean()
     # No data-dependent branch (no host synchronisation; works on any device, meta included).
-    return torch.where(n_avg > 0, torch.sqrt(n / n_avg.clamp_min(1e-30)), torch.zeros_like(n))
+    c = torch.where(n_avg > 0, torch.sqrt(n / n_avg.clamp_min(1e-30)), torch.zeros_like(n))
+    return c * alive
 
 
 def bn_scales(running_var: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -21,16 +21,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from ..masks.maskset import MaskSet
+from .norms import NORM_TYPES, channel_dim, norm_group_size, removes_skew
 from .preconditioner import bn_scales, gradient_multiplier, neuron_scales, smooth_scales
 from .wrapper import OptimizerWrapper, grads_of
 
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
-)
 LAYER_CHOICES = ("all", "normalized")
 SCALE_SOURCES = ("fan_in", "bn_stats")
 logger = logging.getLogger("sparseopt")
@@ -38,16 +37,21 @@ _NONE: list[str] = []  # the baseline's (empty) selection, one object so the cac
 
 
 class NormalizedLayerFinder:
-    """Finds the masked layers whose output feeds a normalization layer.
+    """Finds the masked layers whose output feeds a normalization layer that skews their gradients.
 
-    Watches the model's first forward pass: a masked layer is *normalized*
-    when the very tensor it returns is the input of a BatchNorm / LayerNorm /
-    GroupNorm module. Works for any model, without tracing.
+    Watches the model's first forward pass: a masked layer feeds a norm when
+    the very tensor it returns is the input of a BatchNorm / InstanceNorm /
+    GroupNorm / LayerNorm / RMSNorm module. ``found`` lists those whose norm
+    has a skew between neurons to cancel (:mod:`sparseopt.optim.norms`: not a
+    LayerNorm over the features); ``group_sizes`` says how many neurons share
+    one statistic. Works for any model, without tracing.
     """
 
     def __init__(self, model: nn.Module, masks: MaskSet):
         self.found: list[str] | None = None
         self.norms: dict[str, nn.Module] = {}  # masked layer -> the normalization module it feeds
+        self.group_sizes: dict[str, int] = {}  # masked layer -> neurons per statistic of that norm
+        self._layers = {layer.name: layer.module for layer in masks}
         self._outputs: dict[int, tuple[str, torch.Tensor]] = {}
         self._feeds: set[str] = set()
         self._handles = []
@@ -67,9 +71,12 @@ class NormalizedLayerFinder:
     def _check(self, module, args):
         if args and isinstance(args[0], torch.Tensor):
             hit = self._outputs.get(id(args[0]))
-            if hit is not None and hit[1] is args[0]:
-                self._feeds.add(hit[0])
-                self.norms.setdefault(hit[0], module)
+            if hit is not None and hit[1] is args[0] and hit[0] not in self.norms:
+                name, layer, out = hit[0], self._layers[hit[0]], args[0]
+                self.norms[name] = module
+                self.group_sizes[name] = norm_group_size(module, layer, out)
+                if removes_skew(self.group_sizes[name], out.shape[channel_dim(layer, out)]):
+                    self._feeds.add(name)
 
     def _finish(self, module, args, output):
         self.found = [n for n in self._order if n in self._feeds]
@@ -86,11 +93,25 @@ class NormalizedLayerFinder:
 class DetectedLayers:
     """What a finished :class:`NormalizedLayerFinder` found, without its hooks (for copies and pickles)."""
 
-    def __init__(self, found: list[str], norms: dict[str, nn.Module]):
-        self.found, self.norms = found, norms
+    def __init__(self, found: list[str], norms: dict[str, nn.Module], group_sizes: dict[str, int]):
+        self.found, self.norms, self.group_sizes = found, norms, group_sizes
 
     def close(self) -> None:
         pass
+
+
+def mean_over_ranks(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
+    """The mean of each tensor over the ranks of ``group`` (one all-reduce); the tensors themselves outside DDP.
+
+    BatchNorm's running statistics differ per rank (each sees its own batch). Scales read from them must
+    be the same on every rank, or the replicas' weights drift apart although their masks stay equal.
+    """
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return tensors
+    flat = torch.cat([t.detach().to(torch.float32).reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)  # every rank receives the same sum, so the same bits
+    flat /= dist.get_world_size(group)
+    return list(flat.split([t.numel() for t in tensors]))
 
 
 class SparseOpt(OptimizerWrapper):
@@ -102,23 +123,32 @@ class SparseOpt(OptimizerWrapper):
         masks: the model's :class:`~sparseopt.MaskSet`.
         precondition: apply the SparseOpt scaling (``False``: plain masked DST baseline).
         layers: which masked layers are preconditioned: ``"normalized"`` (default:
-            only layers whose output feeds a BatchNorm/LayerNorm/GroupNorm, which is
-            what the theory covers; detected on the model's first forward pass),
-            ``"all"`` (every masked layer, as the authors), or a list of layer names.
+            only layers whose output feeds a normalization with a per-neuron or
+            per-group statistic (BatchNorm, InstanceNorm, GroupNorm), which is what
+            the theory covers, each with the scale its norm calls for
+            (:mod:`sparseopt.optim.norms`; a LayerNorm or RMSNorm over the features
+            shares one statistic, has no skew between neurons and is left alone);
+            detected on the model's first forward pass), ``"all"`` (every masked
+            layer, per neuron, as the authors), or a list of layer names (per neuron).
         max_grad_norm: if set, clip the global gradient norm over all parameters
             to this value after the correction (appendix F; default ``None``).
         scale_weight_decay: fold the base optimizer's coupled weight decay into the
             gradient *before* the scaling, as an L2 term in the loss would be
             (JAX/Flax recipes). Default ``False``: PyTorch's SGD adds it after the
             scaling, unscaled. Intended for SGD; AdamW's decay is decoupled.
-        scale_source: where ``c_i`` comes from: ``"fan_in"`` (the paper,
-            ``sqrt(n_i / n_avg)``, recomputed when a mask changes) or ``"bn_stats"``
-            (``sigma_i / rms(sigma)`` from the running variance of the BatchNorm the
-            layer feeds, recomputed every step; layers without one use the fan-in).
+        scale_source: where ``c_i`` comes from: ``"bn_stats"`` (default, recommended:
+            ``sigma_i / rms(sigma)`` from the running variance of the BatchNorm the
+            layer feeds, averaged over DDP ranks, recomputed every step; layers
+            without running statistics use the fan-in) or ``"fan_in"`` (the paper,
+            ``sqrt(n_i / n_avg)``, recomputed when a mask changes). docs/results.md
+            has the evidence for the default.
         scale_ema: ``beta`` of an exponential moving average of ``c`` over steps
             (``0``, the default: ``c`` jumps to its new value at a mask update).
         undamped_growth: connections added by the last topology update get
             ``max(c_i, 1)`` instead of ``c_i`` until the next update.
+        process_group: under DDP, the ranks whose BatchNorm statistics are averaged
+            before ``bn_stats`` scales are computed (default: the whole world), so
+            that every replica applies the same ``c``.
 
     Call :meth:`skip_next_step` to make the next :meth:`step` a no-op (the
     topology updaters do this on mask-update steps, as reference RigL does).
@@ -133,9 +163,10 @@ class SparseOpt(OptimizerWrapper):
         layers: str | Sequence[str] = "normalized",
         max_grad_norm: float | None = None,
         scale_weight_decay: bool = False,
-        scale_source: str = "fan_in",
+        scale_source: str = "bn_stats",
         scale_ema: float = 0.0,
         undamped_growth: bool = False,
+        process_group=None,
     ):
         super().__init__(base)
         if not isinstance(masks, MaskSet):
@@ -160,6 +191,7 @@ class SparseOpt(OptimizerWrapper):
         self.scale_source = scale_source
         self.scale_ema = float(scale_ema)
         self.undamped_growth = bool(undamped_growth)
+        self.process_group = process_group
         self._finder: NormalizedLayerFinder | None = None
         if isinstance(layers, str):
             if layers not in LAYER_CHOICES:
@@ -181,6 +213,8 @@ class SparseOpt(OptimizerWrapper):
         self._multipliers: dict[int, torch.Tensor] = {}
         self._fan_in: list[torch.Tensor] = []
         self._fan_in_key: tuple | None = None
+        # Neurons per normalization statistic of each preconditioned layer (layers="normalized" only; 1 if absent).
+        self._group_sizes: dict[str, int] = {}
 
     @property
     def dynamic_scales(self) -> bool:
@@ -207,10 +241,12 @@ class SparseOpt(OptimizerWrapper):
             return _NONE
         if self._selected is None:
             self._selected = self._detected().found
+            self._set_group_sizes(self._detected().group_sizes)
             if not self._selected:
                 logger.warning(
-                    "SparseOpt(layers='normalized'): no masked layer's output goes straight into a BatchNorm, "
-                    "LayerNorm or GroupNorm, so no gradient is preconditioned and SparseOpt trains exactly as the masked "
+                    "SparseOpt(layers='normalized'): no masked layer's output goes straight into a normalization with "
+                    "per-neuron statistics (BatchNorm, InstanceNorm, GroupNorm; a LayerNorm or RMSNorm over the features "
+                    "has no skew to cancel), so no gradient is preconditioned and SparseOpt trains exactly as the masked "
                     "baseline; pass layers='all' or a list of layer names to precondition them anyway"
                 )
             elif self.scale_source == "bn_stats":
@@ -222,24 +258,36 @@ class SparseOpt(OptimizerWrapper):
 
     def _target_scales(self) -> list[torch.Tensor | None]:
         chosen = set(self._selection())
-        norms = self._detected().norms if self.scale_source == "bn_stats" else {}
+        norms = self._detected().norms if self.scale_source == "bn_stats" and chosen else {}
+        stats: dict[int, torch.Tensor] = {}  # layer index -> the running variance its c_i is read from
+        for index, layer in enumerate(self.masks):
+            running_var = getattr(norms.get(layer.name), "running_var", None)
+            if layer.name in chosen and running_var is not None and running_var.shape[0] == layer.mask.shape[0]:
+                stats[index] = running_var
+        stats = dict(zip(stats, mean_over_ranks(list(stats.values()), self.process_group)))
         out: list[torch.Tensor | None] = []
         for index, layer in enumerate(self.masks):
             if layer.name not in chosen:
                 out.append(None)
-                continue
-            running_var = getattr(norms.get(layer.name), "running_var", None)
-            if running_var is not None and running_var.shape[0] == layer.mask.shape[0]:
-                out.append(bn_scales(running_var, layer.mask))
+            elif index in stats:
+                out.append(bn_scales(stats[index], layer.mask))
             else:
                 out.append(self._fan_in_scales()[index])
         return out
 
+    def _set_group_sizes(self, sizes: dict[str, int]) -> None:
+        # layers="all" and explicit lists are the paper's rule: every neuron its own c_i.
+        self._group_sizes = {n: int(g) for n, g in sizes.items() if g > 1} if self.layers == "normalized" else {}
+        self._fan_in_key = None
+
     def _fan_in_scales(self) -> list[torch.Tensor]:
-        """The paper's ``c`` of every layer, computed once per mask change (smoothing asks for it every step)."""
+        """The fan-in ``c`` of every layer, computed once per mask change (smoothing asks for it every step).
+
+        Per neuron (the paper) or, behind a GroupNorm, per group of neurons that share one statistic.
+        """
         key = (self.masks.version, tuple(m.device for m in self.masks.masks))
         if self._fan_in_key != key:
-            self._fan_in = [neuron_scales(m) for m in self.masks.masks]
+            self._fan_in = [neuron_scales(layer.mask, self._group_sizes.get(layer.name, 1)) for layer in self.masks]
             self._fan_in_key = key
         return self._fan_in
 
@@ -340,7 +388,7 @@ class SparseOpt(OptimizerWrapper):
         # The finder's forward hooks cannot be copied: keep what it found (copies then need no forward pass).
         state = super().__getstate__()
         finder = state.pop("_finder", None)
-        state["_finder"] = None if finder is None or finder.found is None else DetectedLayers(finder.found, finder.norms)
+        state["_finder"] = None if finder is None or finder.found is None else DetectedLayers(finder.found, finder.norms, finder.group_sizes)
         return state
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -360,6 +408,7 @@ class SparseOpt(OptimizerWrapper):
         return {
             **self.config(),
             "selected": self._selected,
+            "group_sizes": dict(self._group_sizes),
             "skip_next": self._skip_next,
             # Only smoothing carries information from step to step; every other scale is recomputed.
             "scales": [None if c is None else c.clone() for c in self._scales] if self.scale_ema > 0 and self._scales else None,
@@ -373,6 +422,7 @@ class SparseOpt(OptimizerWrapper):
                 raise ValueError(f"checkpoint was written with {key}={saved}, this SparseOpt has {getattr(self, key)}")
         if state["selected"] is not None:
             self._selected = list(state["selected"])
+            self._set_group_sizes(state.get("group_sizes", {}))  # older checkpoints: per neuron, as they trained
             if self._finder is not None and self.scale_source != "bn_stats":
                 self._finder.close()  # the checkpoint already knows the layers
         self._skip_next = bool(state["skip_next"])

@@ -37,6 +37,20 @@ def select_bottom(scores: torch.Tensor, k: int) -> torch.Tensor:
     return select_top(-scores.flip(0), k).flip(0)
 
 
+def prune(mask: torch.Tensor, prune_score: torch.Tensor, n_drop: int, n_active: int | None = None) -> tuple[torch.Tensor, int]:
+    """``(kept, n_dropped)``: ``mask`` without its ``n_drop`` active entries of smallest ``|prune_score|``."""
+    flat = mask.reshape(-1)
+    if n_active is None:
+        n_active = int(flat.sum())
+    n_drop = max(0, min(int(n_drop), n_active))
+    # Rank only the active entries (a few % of the layer at high sparsity): a much smaller topk.
+    active = torch.nonzero(flat).reshape(-1)  # ascending, so index tie-breaks carry over
+    dropped = active[select_bottom(prune_score.reshape(-1)[active].abs(), n_drop)]
+    kept = flat.clone()
+    kept[dropped] = False
+    return kept.reshape(mask.shape), n_drop
+
+
 def prune_and_grow(
     mask: torch.Tensor,
     prune_score: torch.Tensor,
@@ -51,15 +65,8 @@ def prune_and_grow(
     after pruning, before growing. The number of active entries is unchanged
     (``n_active`` may be passed to save a count).
     """
-    flat = mask.reshape(-1)
-    if n_active is None:
-        n_active = int(flat.sum())
-    n_drop = max(0, min(int(n_drop), n_active))
-    # Rank only the active entries (a few % of the layer at high sparsity): a much smaller topk.
-    active = torch.nonzero(flat).reshape(-1)  # ascending, so index tie-breaks carry over
-    dropped = active[select_bottom(prune_score.reshape(-1)[active].abs(), n_drop)]
-    kept = flat.clone()
-    kept[dropped] = False
+    kept, n_drop = prune(mask, prune_score, n_drop, n_active)
+    kept = kept.reshape(-1)
     # Growth ranks only the entries not kept, so the active count is exact whatever the scores hold;
     # non-finite scores (e.g. an fp16 gradient overflow) rank last.
     candidates = torch.nonzero(~kept).reshape(-1)  # ascending, so index tie-breaks carry over
@@ -67,3 +74,33 @@ def prune_and_grow(
     new = kept.clone()
     new[candidates[select_top(scores, n_drop)]] = True
     return kept.reshape(mask.shape), new.reshape(mask.shape)
+
+
+def prune_and_grow_grouped(
+    mask: torch.Tensor,
+    prune_score: torch.Tensor,
+    grow_score: torch.Tensor,
+    n_drop: int,
+    groups,
+    n_active: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prune_and_grow` that keeps every group's active count (structured sparsity).
+
+    ``groups(t)`` views a tensor of the mask's shape as ``(groups, group size)``
+    (:meth:`sparseopt.masks.structure.Structure.groups`: rows for constant fan-in,
+    blocks of M inputs for N:M). The ``n_drop`` active entries of smallest
+    ``|prune_score|`` anywhere in the layer are dropped, as in the unstructured
+    update (SRigL's layer-wise magnitude pruning); then each group regrows as many
+    as it lost, by largest ``grow_score`` among its entries not kept. Ties go to
+    the lower index (a stable sort), so every rank selects the same entries.
+    """
+    kept, _ = prune(mask, prune_score, n_drop, n_active)
+    lost = groups(mask & ~kept).sum(1, keepdim=True)  # (G, 1): how many each group regrows
+    g_kept = groups(kept)
+    # Entries not kept rank above every kept one; among them, non-finite scores (fp16 overflow) rank last.
+    score = groups(grow_score).to(torch.float32).nan_to_num(nan=-3e38, posinf=-3e38, neginf=-3e38)
+    score = torch.where(g_kept, torch.full_like(score, float("-inf")), score)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    new = g_kept | (rank < lost)
+    return kept, new.reshape(mask.shape)

@@ -28,11 +28,12 @@ from torch.optim import Optimizer
 
 from ..masks.maskset import MaskedLayer, MaskSet
 from ..masks.neurons import neuron_shape
+from ..masks.structure import check_structure
 from ..registry import Registry
 from .optim_state import zero_state_
 from .schedule import drop_fraction, is_update_step
 from .scores import PRUNE_SCORES
-from .selection import prune_and_grow
+from .selection import prune_and_grow, prune_and_grow_grouped
 
 GROWTH_GRADIENTS = ("original", "corrected")
 
@@ -206,6 +207,7 @@ class DSTUpdater(Static):
             return False
         scales = self.optimizer.layer_scales() if self.prune_score == "scaled" else None
         previous = self.masks.grown_on_device()
+        structure = self.masks.structure
         total_drop, grown_before, grown_pruned, active = 0, 0, 0, 0
         grown = []
         for index, layer in enumerate(self.masks):
@@ -216,7 +218,11 @@ class DSTUpdater(Static):
             if n_drop == 0:
                 grown.append(torch.zeros_like(old))
                 continue
-            kept, new = prune_and_grow(old, self.prune_scores(index, layer, scales), growth[index], n_drop, counts[index])
+            if structure.grouped:  # prune anywhere in the layer, regrow within each neuron (N:M group)
+                kept, new = prune_and_grow_grouped(old, self.prune_scores(index, layer, scales), growth[index], n_drop,
+                                                   structure.groups, counts[index])
+            else:
+                kept, new = prune_and_grow(old, self.prune_scores(index, layer, scales), growth[index], n_drop, counts[index])
             active += new.sum()
             if previous is not None:  # net: a connection dropped and regrown at once never left
                 grown_pruned += (previous[index] & ~new).sum()
@@ -233,6 +239,7 @@ class DSTUpdater(Static):
         expected = sum(c for c, n in zip(counts, n_drops) if n)
         if int(active) != expected:  # prune-and-grow keeps every layer's count; anything else is a bug
             raise RuntimeError(f"topology update changed the number of active weights: {int(active)} != {expected}")
+        check_structure(structure, self.masks.names, self.masks.masks, f"after the topology update at t={self.t}")
         self.masks.mark_changed(grown=grown)
         self._counts_version = self.masks.version  # prune-and-grow keeps every layer's count
         self.num_updates += 1

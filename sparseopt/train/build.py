@@ -32,25 +32,43 @@ class RunObjects:
     topology: Static | None
 
 
-def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
+@dataclass(frozen=True)
+class ModelSpec:
+    """What :func:`sparseopt.models.build_model` needs to rebuild a run's model (recorded in sparse exports)."""
+
+    name: str
+    num_classes: int
+    in_shape: tuple[int, ...]
+    kwargs: dict
+
+
+def model_spec(cfg: TrainConfig, num_classes: int | None = None) -> ModelSpec:
     """The config's model with ``num_classes`` outputs (default: the dataset's own count)."""
     info = DATASETS[cfg.dataset]
     num_classes = num_classes if num_classes is not None else info.num_classes
     in_shape = info.in_shape
-    if cfg.dataset in FOLDER_DATASETS and cfg.image_size:
-        in_shape = (in_shape[0], cfg.image_size, cfg.image_size)
+    if cfg.dataset in FOLDER_DATASETS:
+        size = cfg.image_size or in_shape[1]
+        in_shape = (in_shape[0], size, size)
     kwargs = {}
     if cfg.model == "mlp":
-        kwargs = {"hidden": cfg.mlp_hidden, "norm": cfg.mlp_norm}
+        kwargs = {"hidden": list(cfg.mlp_hidden), "norm": cfg.mlp_norm}
     elif cfg.model != "resnet50":
         kwargs = {"shortcut": cfg.shortcut}
-    return build_model(cfg.model, num_classes, in_shape=in_shape, **kwargs)
+    return ModelSpec(cfg.model, num_classes, tuple(in_shape), kwargs)
+
+
+def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
+    """The config's model with ``num_classes`` outputs (default: the dataset's own count)."""
+    spec = model_spec(cfg, num_classes)
+    return build_model(spec.name, spec.num_classes, in_shape=spec.in_shape, **spec.kwargs)
 
 
 # SparseOpt as the paper describes it, and as this library recommends: the paper's magnitude pruning lets the
-# preconditioner starve low-fan-in neurons until they die; pruning by |w| / c_i does not (docs/results.md).
-PAPER_SPARSEOPT = {"precondition_layers": "all", "prune_score": "magnitude"}
-RECOMMENDED_SPARSEOPT = {"precondition_layers": "normalized", "prune_score": "scaled"}
+# preconditioner starve low-fan-in neurons until they die; pruning by |w| / c_i does not; c_i read from
+# BatchNorm's running variance led or tied the baseline in every comparison, the fan-in c_i did not (docs/results.md).
+PAPER_SPARSEOPT = {"precondition_layers": "all", "prune_score": "magnitude", "scale_source": "fan_in"}
+RECOMMENDED_SPARSEOPT = {"precondition_layers": "normalized", "prune_score": "scaled", "scale_source": "bn_stats"}
 
 
 def resolve_method(cfg: TrainConfig) -> dict[str, object]:
@@ -59,7 +77,10 @@ def resolve_method(cfg: TrainConfig) -> dict[str, object]:
     # For the baseline c_i = 1, so |w| / c_i is |w|: "auto" gives it plain magnitude pruning either way.
     prune = cfg.prune_score if cfg.prune_score != "auto" else ("magnitude" if cfg.optimizer == "sgd" else preset["prune_score"])
     layers = cfg.precondition_layers if cfg.precondition_layers != "auto" else preset["precondition_layers"]
-    return {"precondition": cfg.optimizer != "sgd", "precondition_layers": layers, "prune_score": prune}
+    # The baseline applies no scale; "fan_in" keeps its runs grouped with those recorded before "auto" existed.
+    source = cfg.scale_source if cfg.scale_source != "auto" else ("fan_in" if cfg.optimizer == "sgd" else preset["scale_source"])
+    return {"precondition": cfg.optimizer != "sgd", "precondition_layers": layers, "prune_score": prune,
+            "scale_source": source}
 
 
 def effective_delta_t(cfg: TrainConfig) -> int:
@@ -87,11 +108,12 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
     masks = sparsify(
         model, cfg.sparsity, cfg.distribution, power_scale=cfg.power_scale, dense_first=cfg.dense_first,
         dense_last=cfg.dense_last, init=cfg.init, generator=torch.Generator().manual_seed(cfg.seed),
+        structure=cfg.structure, nm=cfg.nm,
     )
     method = resolve_method(cfg)
     optimizer = SparseOpt(
         optimizer, masks, precondition=method["precondition"], layers=method["precondition_layers"],
-        max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay, scale_source=cfg.scale_source,
+        max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay, scale_source=method["scale_source"],
         scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
     )
     updater = DST_METHODS[cfg.dst]

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..masks.distributions import DISTRIBUTIONS
+from ..masks.structure import STRUCTURES
 from ..optim.sparseopt import SCALE_SOURCES
 from ..topology.scores import PRUNE_SCORES
 
@@ -63,6 +64,10 @@ class TrainConfig:
     """layer densities (erk as RigL)"""
     power_scale: float = 1.0
     """ERK exponent (1 as RigL)"""
+    structure: str = "unstructured"
+    """where active weights may be: unstructured, constant_fan_in (every neuron of a layer the same fan-in, SRigL), nm (N of every M inputs)"""
+    nm: str | None = None
+    """N:M pattern of structure nm (e.g. 2:4; the sparsity must then be 1 - N/M)"""
     dense_first: bool = False
     """keep the first conv/linear layer dense"""
     dense_last: bool = False
@@ -89,13 +94,13 @@ class TrainConfig:
     """which active connections are dropped: magnitude (|w|), scaled (|w| / c_i), normalized (|w| / neuron RMS); auto: scaled for sparseopt (identical to magnitude for sgd), magnitude for sparseopt_paper"""
     # -- optimizer -------------------------------------------------------------------
     optimizer: str = "sparseopt"
-    """sgd: masked DST baseline; sparseopt: preconditioned, with preconditioner-aware pruning (recommended); sparseopt_paper: as the paper describes it"""
+    """sgd: masked DST baseline; sparseopt: preconditioned by BatchNorm statistics, with preconditioner-aware pruning (recommended); sparseopt_paper: as the paper describes it"""
     precondition_layers: str = "auto"
     """which masked layers SparseOpt scales: normalized (those feeding a BN/LN/GN), all; auto: normalized for sparseopt, all for sparseopt_paper"""
     scale_weight_decay: bool = False
     """scale weight decay with the gradient (an L2 term in the loss) instead of adding it after the scaling"""
-    scale_source: str = "fan_in"
-    """SparseOpt's c_i from the fan-in (the paper) or from the following BatchNorm's running variance (bn_stats)"""
+    scale_source: str = "auto"
+    """SparseOpt's c_i from the following BatchNorm's running variance (bn_stats) or the fan-in (fan_in, the paper); auto: bn_stats for sparseopt, fan_in for sparseopt_paper"""
     scale_ema: float = 0.0
     """exponential moving average of c_i over steps (0: c_i jumps at each mask update, as the paper)"""
     undamped_growth: bool = False
@@ -148,7 +153,7 @@ class TrainConfig:
     sync_bn: bool = False
     """SyncBatchNorm across ranks in distributed runs (CUDA only)"""
     check_masks: bool = False
-    """check after every topology update that the masks agree across ranks"""
+    """check after every topology update that the masks and the weights agree bitwise across ranks"""
     monitor: bool = True
     """log neuron statistics per epoch and the loss around every topology update in metrics.jsonl"""
     out: str | None = None
@@ -210,6 +215,15 @@ class TrainConfig:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.dst == "dense" and self.optimizer != "sgd":
             raise ValueError("dst=dense has no masks to precondition: use --optimizer sgd (or a sparse --dst)")
+        if self.nm is not None and self.structure != "nm":
+            raise ValueError(f"nm={self.nm!r} needs structure=nm (got structure={self.structure!r})")
+        if self.structure == "nm":
+            from ..masks.structure import Structure
+
+            density = Structure.parse("nm", self.nm).density
+            if abs((1 - self.sparsity) - density) > 1e-9:
+                raise ValueError(f"nm={self.nm} fixes the sparsity at {1 - density:g}: pass --sparsity {1 - density:g} "
+                                 f"(got {self.sparsity:g})")
         if not self.mlp_hidden or any(h < 1 for h in self.mlp_hidden):
             raise ValueError(f"mlp_hidden must be a non-empty list of positive widths, got {self.mlp_hidden!r}")
         return self
@@ -229,6 +243,8 @@ FIELDS = {f.name: f for f in fields(TrainConfig)}
 # Keys that may change between a run and its resume; every other key must match the run's saved config.
 RESUMABLE_KEYS = {"out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download",
                   "compile", "compile_mode", "device", "eval_batch_size", "check_masks", "compare_optimizers", "monitor"}
+# What a key meant in the runs written before it existed, where the default has changed since.
+LEGACY_DEFAULTS = {"scale_source": "fan_in"}
 # GPU speed options a CPU run records as off (the trainer ignores them there): not a change of method.
 DEVICE_FALLBACK_KEYS = {"bf16", "channels_last", "compile", "sync_bn"}
 
@@ -239,7 +255,7 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any], resolved: dic
     A key missing from ``saved`` (written before the key existed) counts at its default. ``resolved``: what the
     saved run made of its ``"auto"`` keys; naming that value explicitly now is the same run.
     """
-    defaults = TrainConfig().to_dict()
+    defaults = {**TrainConfig().to_dict(), **LEGACY_DEFAULTS}
     resolved = resolved or {}
 
     def same(key: str) -> bool:
@@ -254,14 +270,15 @@ def field_choices() -> dict[str, list[str]]:
     """The allowed values of every config key that takes one of a fixed set (validation and ``--help``)."""
     from ..data import DATASETS
     from ..models import MODELS
+    from ..models.mlp import NORMS as MLP_NORMS
     from ..topology import DST_METHODS
 
     return {
         "dataset": list(DATASETS), "model": MODELS.names(), "dst": ["dense", *DST_METHODS], "optimizer": list(OPTIMIZERS),
         "distribution": [d for d in DISTRIBUTIONS if d != "custom"], "init": ["dense", "sparse"],
-        "growth_grad": ["original", "corrected"], "precondition_layers": ["auto", "normalized", "all"],
-        "prune_score": ["auto", *PRUNE_SCORES], "scale_source": list(SCALE_SOURCES), "shortcut": ["A", "B"],
-        "mlp_norm": ["none", "batchnorm", "layernorm"], "compile_mode": ["default", "reduce-overhead", "max-autotune"],
+        "growth_grad": ["original", "corrected"], "structure": list(STRUCTURES), "precondition_layers": ["auto", "normalized", "all"],
+        "prune_score": ["auto", *PRUNE_SCORES], "scale_source": ["auto", *SCALE_SOURCES], "shortcut": ["A", "B"],
+        "mlp_norm": list(MLP_NORMS), "compile_mode": ["default", "reduce-overhead", "max-autotune"],
     }
 
 

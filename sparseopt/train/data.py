@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import (
+    CLASS_NAMES,
     DATASETS,
     FOLDER_DATASETS,
     DatasetError,
@@ -29,6 +30,7 @@ class RunData:
     test: object
     num_classes: int
     notes: list[str] = field(default_factory=list)
+    class_names: list[str] | None = None  # label index -> name, where known
 
 
 def default_workers(env: DistEnv) -> int:
@@ -71,7 +73,7 @@ def make_loaders(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunDat
     test = DeviceLoader(xte, yte, cfg.eval_batch_size, train=False, **common)
     if len(train) == 0:
         raise ValueError(f"the training set has {train.num_samples} examples per rank, fewer than one batch of {batch}")
-    return RunData(train, test, num_classes(cfg))
+    return RunData(train, test, num_classes(cfg), class_names=CLASS_NAMES.get(cfg.dataset))
 
 
 def _folder_loaders(cfg: TrainConfig, batch: int, common: dict, env: DistEnv) -> RunData:
@@ -92,4 +94,4 @@ def _folder_loaders(cfg: TrainConfig, batch: int, common: dict, env: DistEnv) ->
                      f"({missing[:5]}{' ...' if len(missing) > 5 else ''}); their labels are unchanged")
     if len(train) == 0:
         raise ValueError(f"the training set has {train.num_samples} examples per rank, fewer than one batch of {batch}")
-    return RunData(train, test, num_classes(cfg, len(classes)), notes)
+    return RunData(train, test, num_classes(cfg, len(classes)), notes, class_names=list(train.dataset.classes))

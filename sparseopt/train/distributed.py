@@ -49,29 +49,48 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return values
 
 
-def broadcast_object(obj, env: DistEnv):
-    if not env.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-class MaskDivergenceError(RuntimeError):
+class ReplicaDivergenceError(RuntimeError):
     pass
 
 
-def check_masks_consistent(masks, env: DistEnv, step: int) -> None:
-    """Compare a checksum of all masks across ranks; raise on any difference."""
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def parameter_checksums(model: torch.nn.Module) -> torch.Tensor:
+    """One int64 per parameter: the wrapped sum of its bit patterns (any change of any bit changes it, bar collisions).
+
+    Computed where the parameters live, so a check costs one small all-gather, not a copy of the model.
+    """
+    sums = [p.detach().contiguous().view(_BITS[p.element_size()]).to(torch.int64).sum() for p in model.parameters()]
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.int64)
+
+
+def check_replicas_consistent(masks, model: torch.nn.Module, env: DistEnv, step: int) -> None:
+    """Compare the masks and the weights of every rank; raise on any difference.
+
+    Masks can stay equal while weights drift (a per-rank quantity, such as unsynchronised BatchNorm
+    statistics, entering the update), so both are compared.
+    """
     if not env.enabled:
         return
     digests: list[str | None] = [None] * env.world_size
     dist.all_gather_object(digests, masks.checksum())
     if len(set(digests)) != 1:
-        raise MaskDivergenceError(
+        raise ReplicaDivergenceError(
             f"masks differ across ranks after the topology update at step {step}: checksums {digests}. "
             "Masks must be identical by construction (same seed, gradients averaged by DDP); "
             "check that every rank runs the same config and code version"
+        )
+    mine = parameter_checksums(model)
+    gathered = [torch.empty_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(gathered, mine)
+    differ = [i for i in range(len(mine)) if any(not torch.equal(g[i], gathered[0][i]) for g in gathered[1:])]
+    if differ:
+        names = [name for name, _ in model.named_parameters()]
+        raise ReplicaDivergenceError(
+            f"weights differ across ranks at step {step} although the masks are equal: {len(differ)} parameter(s), "
+            f"first {names[differ[0]]!r}. DDP replicas must stay bitwise equal; something per-rank enters the "
+            "update (an optimizer that reads unsynchronised BatchNorm statistics, or a rank-dependent seed)"
         )
 
 

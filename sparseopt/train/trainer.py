@@ -34,7 +34,7 @@ from ..optim.sparseopt import NormalizedLayerFinder
 from .build import build_run, effective_delta_t, make_model, resolve_method
 from .config import TrainConfig, config_differences
 from .data import make_loaders
-from .distributed import DistEnv, all_reduce_sum, check_masks_consistent, cleanup, init_distributed
+from .distributed import DistEnv, all_reduce_sum, check_replicas_consistent, cleanup, init_distributed
 from .io import (
     atomic_write,
     environment,
@@ -66,6 +66,8 @@ def run_name(cfg: TrainConfig) -> str:
     parts = [cfg.dataset, cfg.model, cfg.dst]
     if cfg.dst != "dense":
         parts += [cfg.optimizer, f"s{cfg.sparsity:g}"]
+        if cfg.structure != "unstructured":
+            parts.append("cfi" if cfg.structure == "constant_fan_in" else f"nm{cfg.nm.replace(':', '-')}")
     if cfg.ham:
         parts.append("ham")
     if cfg.renorm is not None:
@@ -186,6 +188,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         data = make_loaders(cfg, self.device, env)
         self.train_loader, self.test_loader, self.num_classes = data.train, data.test, data.num_classes
+        self.class_names = data.class_names if data.class_names and len(data.class_names) == data.num_classes else None
         self.notes.extend(data.notes)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -249,6 +252,8 @@ class Trainer:
             # What this version made of the config's "auto" settings: a resume under another version must not
             # switch method halfway while config.yaml still says the same thing.
             "resolved": resolve_method(self.cfg),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
             "model": self.model.state_dict(),
             "masks": self.masks.state_dict() if self.masks is not None else None,
             "optimizer": self.optimizer.state_dict(),
@@ -271,11 +276,14 @@ class Trainer:
         if diffs:
             raise ValueError(f"checkpoint {path} is from another configuration; differing keys: " + "; ".join(diffs))
         saved_method, method = state.get("resolved"), resolve_method(self.cfg)
-        if saved_method is not None and saved_method != method:
-            changed = [f"{k}={saved_method[k]!r} (now {method[k]!r})" for k in method if saved_method.get(k) != method[k]]
+        # Keys a checkpoint does not record were not 'auto' in its version: they cannot have changed.
+        changed = [f"{k}={saved_method[k]!r} (now {method[k]!r})" for k in method
+                   if saved_method is not None and saved_method.get(k, method[k]) != method[k]]
+        if changed:
             raise ValueError(
                 f"checkpoint {path} was trained with {', '.join(changed)}: this version resolves the config's 'auto' "
-                "settings differently; set them explicitly (e.g. --prune-score, --precondition-layers) to continue the run "
+                "settings differently; set them explicitly (e.g. --prune-score, --precondition-layers, --scale-source) to continue "
+                "the run "
                 "as it was trained"
             )
         try:
@@ -309,7 +317,7 @@ class Trainer:
             loss.backward()
             updated = self.topology is not None and self.topology.step()
             if updated and cfg.check_masks:
-                check_masks_consistent(self.masks, self.env, self.step)
+                check_replicas_consistent(self.masks, self.model, self.env, self.step)
             if self.probe is not None:
                 self.probe.record(loss)
                 if updated:
@@ -532,6 +540,7 @@ class Trainer:
             "run_name": run_name(self.cfg),
             "epochs_completed": self.epoch,
             "num_classes": self.num_classes,
+            "class_names": self.class_names,
             "final": {k: last[k] for k in keys if k in last},
             "best_test_acc": max((m["test_acc"] for m in history if "test_acc" in m), default=None),
             "seconds": self.elapsed(),
