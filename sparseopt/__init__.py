@@ -12,11 +12,13 @@ Typical use::
         opt.step()
 """
 
+from .deploy import export_sparse, load_sparse, sparse_inference
 from .masks import (
     DISTRIBUTIONS,
     STRUCTURES,
     MaskedLayer,
     MaskSet,
+    Structure,
     active_counts,
     erk_densities,
     fan_in,
@@ -25,7 +27,6 @@ from .masks import (
     select_layers,
     sparse_init_,
     sparsify,
-    Structure,
 )
 from .models import MODELS
 from .optim import HAM, OptimizerWrapper, SparseOpt, ham_update_, neuron_scales
@@ -70,6 +71,9 @@ __all__ = [
     "active_counts",
     "drop_fraction",
     "erk_densities",
+    "export_sparse",
+    "load_sparse",
+    "sparse_inference",
     "fan_in",
     "ham_update_",
     "layer_densities",

@@ -44,3 +44,14 @@ def test_step_benchmark_rehearsal(tmp_path):
         assert result["images_per_s"][name] == pytest.approx(4 / result["median_step_s"][name], rel=1e-9)
     assert sorted(result["topology_update_s"]) == ["ours_masked", "ours_sparseopt"]
     assert all(v > 0 for v in result["peak_memory_mb"].values())
+
+
+def test_inference_benchmark_rehearsal(tmp_path):
+    out = run_benchmark("bench_inference.py", "--models", "resnet20", "--sparsities", "0.98", "--batches", "2",
+                        "--threads", "1", "--rounds", "1", "--json", str(tmp_path / "infer.json"))
+    rows = json.loads((tmp_path / "infer.json").read_text())["rows"]
+    assert [(r["structure"], r["batch"], r["threads"]) for r in rows] == [("unstructured", 2, 1), ("constant_fan_in", 2, 1)]
+    for r in rows:
+        assert r["max_abs_diff"] < 1e-5 and r["dense_ms"] > 0 and r["sparse_ms"] > 0
+        assert len(r["layers"]) == 22  # every conv and the classifier of ResNet-20
+    assert "| resnet20 | 0.98 | constant_fan_in | 2 | 1 |" in out

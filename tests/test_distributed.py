@@ -91,6 +91,17 @@ def test_sparseopt_replicas_stay_bitwise_equal_with_batchnorm(tmp_path, source):
             assert torch.equal(value, r1["model"][key]), key
 
 
+def test_constant_fan_in_is_kept_and_identical_on_both_ranks(tmp_path):
+    check(launch(tmp_path / "ddp", tmp_path / "run", ["--dst", "rigl", "--structure", "constant_fan_in"], 2))
+    r0 = torch.load(tmp_path / "ddp/rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp/rank1.pt", weights_only=True)
+    assert json.loads((tmp_path / "run/results.json").read_text())["topology_updates"] == 4
+    for a, b in zip(r0["masks"], r1["masks"]):
+        assert torch.equal(a, b)
+        counts = a.reshape(a.shape[0], -1).sum(1)
+        assert (counts == counts[0]).all()
+
+
 def test_check_masks_detects_weights_that_drift_with_equal_masks(tmp_path):
     proc = launch(tmp_path / "bad", tmp_path / "bad_run", [*BN, "--scale-source", "bn_stats", "--unsync-bn-stats"], 2)
     assert proc.returncode != 0

@@ -109,3 +109,48 @@ def test_structure_travels_with_the_masks_and_is_checked_on_load():
     with pytest.raises(RuntimeError, match=r"masks break the constant_fan_in structure in the checkpoint: conv2 \(1 groups\)"):
         masks.load_state_dict(broken)
     masks.load_state_dict(state)
+
+
+def test_srigl_neuron_ablation_removes_weak_neurons_and_keeps_fan_in_equal():
+    from sparseopt.topology.selection import prune_and_grow_ablating
+
+    structure = Structure("constant_fan_in")
+    g = torch.Generator().manual_seed(0)
+    mask = structure.random_mask((8, 20), 32, g, "cpu")  # k = 4
+    weight = torch.randn(8, 20, generator=g)
+    weight[2] *= 1e-3  # neuron 2: tiny weights, pruned first ...
+    grad = torch.rand(8, 20, generator=g)
+    grad[2] = 0.0      # ... and nothing RigL would grow there: no salient connection left
+    kept, new = prune_and_grow_ablating(mask, weight, grad, 4, gamma=0.3)
+    counts = new.sum(1)
+    assert counts[2] == 0 and (counts[counts > 0] == counts[counts > 0][0]).all()
+    assert counts.sum() == 7 * round(32 / 7) and counts[0] == 5  # 32 inputs shared out over 7 live neurons
+    for i in range(8):  # a live neuron keeps its largest surviving weights
+        if i != 2:
+            assert (kept[i] & ~new[i]).sum() == 0
+    assert structure.violations(new) == 0
+    full = torch.ones(3, 4, dtype=torch.bool)  # a full layer cannot give up a neuron: nowhere to put its inputs
+    _, alive = prune_and_grow_ablating(full, torch.ones(3, 4), torch.zeros(3, 4), 12, gamma=1.0)
+    assert torch.equal(alive.sum(1), torch.tensor([4, 4, 4]))
+    thin = torch.eye(4, 6, dtype=torch.bool)  # k = 1; all pruned, growth (all ties) wants row 0 only
+    _, one = prune_and_grow_ablating(thin, torch.ones(4, 6), torch.zeros(4, 6), 4, gamma=1.0)
+    assert one.sum(1).tolist() == [4, 0, 0, 0]
+
+
+def test_neuron_ablation_in_training_and_its_refusals():
+    torch.manual_seed(0)
+    model = SmallConvNet()
+    masks = sparseopt.sparsify(model, 0.8, structure="constant_fan_in", generator=torch.Generator().manual_seed(0))
+    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.1), masks)
+    rigl = sparseopt.RigL(masks, opt, delta_t=2, alpha=0.5, total_steps=20, neuron_ablation=0.9)
+    for x, y in batches(12):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        rigl.step()
+        opt.step()
+    assert rigl.num_updates >= 4 and rigl.config()["neuron_ablation"] == 0.9
+    assert all(masks.structure.violations(m) == 0 for m in masks.masks)
+    with pytest.raises(ValueError, match="neuron_ablation needs constant fan-in masks"):
+        sparseopt.RigL(sparseopt.sparsify(SmallConvNet(), 0.8), opt, total_steps=10, neuron_ablation=0.3)
+    with pytest.raises(ValueError, match=r"neuron_ablation \(SRigL's gamma_sal\) must be in \(0, 1\]"):
+        sparseopt.RigL(masks, opt, total_steps=10, neuron_ablation=0.0)

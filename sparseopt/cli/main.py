@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from ..train.trainer import Interrupted, NonFiniteLoss
@@ -35,22 +36,23 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _analysis(name):
+def _lazy(module: str, name: str):
+    """The command ``name`` of ``sparseopt.cli.<module>``, imported only when it runs (a fast ``--help``)."""
     def run(argv: list[str]) -> int:
-        from . import analyses
-
-        return getattr(analyses, name)(argv)
+        return getattr(importlib.import_module(f".{module}", __package__), name)(argv)
 
     return run
 
 
 COMMANDS = {
     "train": (cmd_train, "train a model with a DST method and optimizer"),
-    "skew": (_analysis("cmd_skew"), "BN gradient skew vs sparsity, per neuron, before/after SparseOpt (Fig. 2)"),
-    "direction": (_analysis("cmd_direction"), "update-direction jumps at mask updates, baseline vs SparseOpt"),
-    "toy-ham": (_analysis("cmd_toy_ham"), "HAM vs GD on the one-neuron BatchNorm model (appendix A)"),
-    "report": (_analysis("cmd_report"), "tables and figures from run or sweep folders"),
-    "sweep": (_analysis("cmd_sweep"), "run a grid of runs locally or on SLURM (submitit); idempotent"),
+    "skew": (_lazy("analyses", "cmd_skew"), "BN gradient skew vs sparsity, per neuron, before/after SparseOpt (Fig. 2)"),
+    "direction": (_lazy("analyses", "cmd_direction"), "update-direction jumps at mask updates, baseline vs SparseOpt"),
+    "toy-ham": (_lazy("analyses", "cmd_toy_ham"), "HAM vs GD on the one-neuron BatchNorm model (appendix A)"),
+    "report": (_lazy("analyses", "cmd_report"), "tables and figures from run or sweep folders"),
+    "sweep": (_lazy("analyses", "cmd_sweep"), "run a grid of runs locally or on SLURM (submitit); idempotent"),
+    "export": (_lazy("deploy", "cmd_export"), "write a run's model as a file of its active weights only"),
+    "bench-infer": (_lazy("deploy", "cmd_bench_infer"), "dense vs sparse CPU inference, side by side"),
 }
 
 

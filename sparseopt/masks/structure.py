@@ -111,7 +111,11 @@ class Structure:
         if self.kind == "nm":
             return (counts != self.n).sum()
         if self.kind == "constant_fan_in":
-            return (counts != counts.mode().values).sum()  # against the common count: names the odd ones out
+            # Live neurons share one fan-in (the most common nonzero count names the odd ones out); a neuron with
+            # no input at all is allowed: SRigL's neuron ablation removes whole neurons.
+            live = counts[counts > 0]
+            common = live.mode().values if live.numel() else counts.new_zeros(())
+            return ((counts != common) & (counts > 0)).sum()
         return torch.zeros((), dtype=torch.long, device=mask.device)
 
 

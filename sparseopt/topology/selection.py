@@ -104,3 +104,47 @@ def prune_and_grow_grouped(
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     new = g_kept | (rank < lost)
     return kept, new.reshape(mask.shape)
+
+
+def prune_and_grow_ablating(
+    mask: torch.Tensor,
+    prune_score: torch.Tensor,
+    grow_score: torch.Tensor,
+    n_drop: int,
+    gamma: float,
+    n_active: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constant fan-in prune-and-grow with SRigL's neuron ablation (Lasby et al., ICLR 2024).
+
+    The layer prunes as unstructured RigL would, and an unstructured growth step marks
+    the connections RigL would want: a neuron whose *salient* connections (kept plus
+    wanted) number fewer than ``gamma * k`` (``k`` the layer's fan-in) is ablated: all
+    its inputs are removed. The layer's active count is then shared out again over the
+    live neurons, ``k' = round(active / live)``, and each live neuron keeps its largest
+    surviving weights and grows by ``grow_score`` up to ``k'``. Every live neuron has the
+    same fan-in afterwards; an ablated neuron has none, and may come back at a later
+    update when its connections become salient again.
+    """
+    rows = mask.reshape(mask.shape[0], -1)
+    total = int(rows.sum()) if n_active is None else n_active
+    kept, wanted = prune_and_grow(mask, prune_score, grow_score, n_drop, total)
+    counts = rows.sum(1)
+    k = int(counts.max())
+    salient = wanted.reshape(rows.shape).sum(1)
+    live = salient >= gamma * k
+    # Enough neurons stay live to hold the layer's count (fan-in at most the dense fan-in), never none: the most salient.
+    needed = max(1, -(-total // rows.shape[1]))
+    if int(live.sum()) < needed:
+        live[torch.sort(salient, descending=True, stable=True).indices[:needed]] = True
+    new_k = min(rows.shape[1], max(1, round(total / int(live.sum()))))
+    kept_rows = kept.reshape(rows.shape)
+    # Per row: kept weights first (largest |score| first), then free positions by largest grow score.
+    secondary = torch.where(kept_rows, prune_score.reshape(rows.shape).abs().to(torch.float32),
+                            grow_score.reshape(rows.shape).to(torch.float32).nan_to_num(nan=-3e38, posinf=-3e38,
+                                                                                       neginf=-3e38))
+    order = torch.sort(secondary, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(kept_rows.gather(1, order).to(torch.int8), dim=1, descending=True,
+                                       stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    new = (rank < new_k) & live.reshape(-1, 1)
+    return kept, new.reshape(mask.shape)

@@ -33,7 +33,7 @@ from ..registry import Registry
 from .optim_state import zero_state_
 from .schedule import drop_fraction, is_update_step
 from .scores import PRUNE_SCORES
-from .selection import prune_and_grow, prune_and_grow_grouped
+from .selection import prune_and_grow, prune_and_grow_ablating, prune_and_grow_grouped
 
 GROWTH_GRADIENTS = ("original", "corrected")
 
@@ -94,6 +94,11 @@ class DSTUpdater(Static):
             optimizer is a preconditioning SparseOpt, else ``"magnitude"``. With the
             paper's magnitude pruning SparseOpt starves low-fan-in neurons until they
             die (docs/results.md). Subclasses may override :meth:`prune_scores` instead.
+        neuron_ablation: SRigL's ``gamma_sal`` (constant fan-in masks only; default
+            ``None``, off): at each update a neuron with fewer than ``gamma * k``
+            salient connections loses all its inputs and the layer's fan-in is shared
+            out over the live neurons (:func:`~sparseopt.topology.selection.prune_and_grow_ablating`;
+            Lasby et al. use 0.3).
 
     After each update :attr:`last_update` holds ``t``, the drop fraction, the
     number of connections pruned and regrown, and ``grown_pruned``: the share of
@@ -115,8 +120,15 @@ class DSTUpdater(Static):
         reset_optimizer_state: bool = True,
         skip_update: bool = True,
         prune_score="auto",
+        neuron_ablation: float | None = None,
     ):
         super().__init__(masks, optimizer)
+        if neuron_ablation is not None:
+            if masks.structure.kind != "constant_fan_in":
+                raise ValueError(f"neuron_ablation needs constant fan-in masks (sparsify(..., structure='constant_fan_in')); "
+                                 f"these are {masks.structure}")
+            if not 0.0 < float(neuron_ablation) <= 1.0:
+                raise ValueError(f"neuron_ablation (SRigL's gamma_sal) must be in (0, 1], got {neuron_ablation!r}")
         if not isinstance(delta_t, int) or delta_t < 1:
             raise ValueError(f"delta_t must be a positive integer, got {delta_t!r}")
         if not 0.0 <= float(alpha) <= 1.0:
@@ -157,6 +169,7 @@ class DSTUpdater(Static):
         self.keep_regrown = keep_regrown
         self.reset_optimizer_state = reset_optimizer_state
         self.skip_update = skip_update
+        self.neuron_ablation = None if neuron_ablation is None else float(neuron_ablation)
         self._counts: list[int] = []
         self._counts_version: int | None = None  # masks.version the cached counts belong to
 
@@ -218,7 +231,10 @@ class DSTUpdater(Static):
             if n_drop == 0:
                 grown.append(torch.zeros_like(old))
                 continue
-            if structure.grouped:  # prune anywhere in the layer, regrow within each neuron (N:M group)
+            if self.neuron_ablation is not None:
+                kept, new = prune_and_grow_ablating(old, self.prune_scores(index, layer, scales), growth[index], n_drop,
+                                                    self.neuron_ablation, counts[index])
+            elif structure.grouped:  # prune anywhere in the layer, regrow within each neuron (N:M group)
                 kept, new = prune_and_grow_grouped(old, self.prune_scores(index, layer, scales), growth[index], n_drop,
                                                    structure.groups, counts[index])
             else:
@@ -237,11 +253,14 @@ class DSTUpdater(Static):
             old.copy_(new)
             total_drop += n_drop
         expected = sum(c for c, n in zip(counts, n_drops) if n)
-        if int(active) != expected:  # prune-and-grow keeps every layer's count; anything else is a bug
+        # prune-and-grow keeps every layer's count (ablation: up to rounding k' = active / live); anything else is a bug
+        slack = sum(m.shape[0] for m, n in zip(self.masks.masks, n_drops) if n) if self.neuron_ablation else 0
+        if abs(int(active) - expected) > slack:
             raise RuntimeError(f"topology update changed the number of active weights: {int(active)} != {expected}")
         check_structure(structure, self.masks.names, self.masks.masks, f"after the topology update at t={self.t}")
         self.masks.mark_changed(grown=grown)
-        self._counts_version = self.masks.version  # prune-and-grow keeps every layer's count
+        # prune-and-grow keeps every layer's count; ablation may round it, so the counts are taken afresh next time
+        self._counts_version = self.masks.version if self.neuron_ablation is None else None
         self.num_updates += 1
         if self.skip_update:
             self.optimizer.skip_next_step()
@@ -261,6 +280,7 @@ class DSTUpdater(Static):
             "reset_optimizer_state": self.reset_optimizer_state,
             "skip_update": self.skip_update,
             "prune_score": self.prune_score if isinstance(self.prune_score, str) else repr(self.prune_score),
+            "neuron_ablation": self.neuron_ablation,
         }
 
 

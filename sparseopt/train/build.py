@@ -126,6 +126,8 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
             skip_update=cfg.skip_update, prune_score=method["prune_score"],
         )
         accepted = inspect.signature(updater).parameters
+        if cfg.neuron_ablation is not None:
+            kwargs["neuron_ablation"] = cfg.neuron_ablation
         for key, value in (("seed", cfg.seed), ("growth_gradient", cfg.growth_grad)):
             if key in accepted:
                 kwargs[key] = value

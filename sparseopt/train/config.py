@@ -68,6 +68,8 @@ class TrainConfig:
     """where active weights may be: unstructured, constant_fan_in (every neuron of a layer the same fan-in, SRigL), nm (N of every M inputs)"""
     nm: str | None = None
     """N:M pattern of structure nm (e.g. 2:4; the sparsity must then be 1 - N/M)"""
+    neuron_ablation: float | None = None
+    """SRigL's gamma_sal for structure constant_fan_in: neurons with fewer than gamma * k salient inputs are ablated (0.3 in SRigL)"""
     dense_first: bool = False
     """keep the first conv/linear layer dense"""
     dense_last: bool = False
@@ -215,6 +217,9 @@ class TrainConfig:
             raise ValueError("--resume and --overwrite exclude each other")
         if self.dst == "dense" and self.optimizer != "sgd":
             raise ValueError("dst=dense has no masks to precondition: use --optimizer sgd (or a sparse --dst)")
+        if self.neuron_ablation is not None and (self.structure != "constant_fan_in" or not 0 < self.neuron_ablation <= 1):
+            raise ValueError(f"neuron_ablation must be in (0, 1] with structure=constant_fan_in, got "
+                             f"{self.neuron_ablation!r} with structure={self.structure!r}")
         if self.nm is not None and self.structure != "nm":
             raise ValueError(f"nm={self.nm!r} needs structure=nm (got structure={self.structure!r})")
         if self.structure == "nm":

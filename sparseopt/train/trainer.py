@@ -34,7 +34,13 @@ from ..optim.sparseopt import NormalizedLayerFinder
 from .build import build_run, effective_delta_t, make_model, resolve_method
 from .config import TrainConfig, config_differences
 from .data import make_loaders
-from .distributed import DistEnv, all_reduce_sum, check_replicas_consistent, cleanup, init_distributed
+from .distributed import (
+    DistEnv,
+    all_reduce_sum,
+    check_replicas_consistent,
+    cleanup,
+    init_distributed,
+)
 from .io import (
     atomic_write,
     environment,
@@ -68,6 +74,8 @@ def run_name(cfg: TrainConfig) -> str:
         parts += [cfg.optimizer, f"s{cfg.sparsity:g}"]
         if cfg.structure != "unstructured":
             parts.append("cfi" if cfg.structure == "constant_fan_in" else f"nm{cfg.nm.replace(':', '-')}")
+        if cfg.neuron_ablation is not None:
+            parts.append(f"ablate{cfg.neuron_ablation:g}")
     if cfg.ham:
         parts.append("ham")
     if cfg.renorm is not None:
