@@ -50,7 +50,7 @@ def bench_inference(
             sparse = sparse_inference(model, masks, example_input, choose=choose, repeats=repeats)
             calls = {name: (lambda m=m, x=x: m(x)) for name, (m, x) in layouts.items()}
             calls["sparse"] = lambda: sparse(example_input)
-            seconds = time_alternating(calls, rounds)
+            seconds = time_alternating(calls, rounds, min_seconds=0.5)
             dense_layout = min(layouts, key=seconds.get)
             reference = layouts[dense_layout][0](layouts[dense_layout][1])
             diff = float((sparse(example_input) - reference).abs().max())

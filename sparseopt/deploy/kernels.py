@@ -51,20 +51,25 @@ def patches(x: torch.Tensor, kernel, stride, padding, dilation) -> tuple[torch.T
     return view.reshape(channels * kh * kw, batch * h * w), h, w
 
 
-def time_alternating(calls: dict, rounds: int = 7) -> dict:
+def time_alternating(calls: dict, rounds: int = 7, min_seconds: float = 0.0) -> dict:
     """Median seconds of each of several ``calls``, timed in alternating rounds after one warm-up round.
 
     Alternating spreads a change of machine load (another process, a clock change) over all of them,
-    so their ratios hold even where the absolute times drift.
+    so their ratios hold even where the absolute times drift. At least ``rounds`` rounds, and more
+    (up to 50 times as many) until each call has run ``min_seconds`` in all: millisecond-sized models
+    need hundreds of rounds for a stable median.
     """
     for fn in calls.values():
         fn()
     times = {name: [] for name in calls}
-    for _ in range(rounds):
+    while True:
         for name, fn in calls.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+        done = len(next(iter(times.values())))
+        if done >= rounds and (done >= 50 * rounds or min(sum(t) for t in times.values()) >= min_seconds):
+            break
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
