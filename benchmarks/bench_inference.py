@@ -12,7 +12,6 @@ layer by timing), both timed in alternating rounds in one process; medians, repo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 
 def cmd_export(argv: list[str]) -> int:
     from ..deploy.export import export_sparse

@@ -38,10 +38,10 @@ from .encoding import decode, encode, pack, unpack
 FORMAT = "sparseopt-sparse-v1"
 
 
-def _dense_state(model: nn.Module, masks: MaskSet) -> dict[str, torch.Tensor]:
-    """Every entry of the state_dict but the masked weights (stored encoded) and the mask buffers."""
-    skip = {layer.buffer_path for layer in masks} | {layer.buffer_path[: -len("_mask")] for layer in masks}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in skip}
+def _unmasked_state(model: nn.Module, masks: MaskSet) -> dict[str, torch.Tensor]:
+    """The state_dict without the mask buffers: what a dense model of this architecture saves."""
+    buffers = {layer.buffer_path for layer in masks}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in buffers}
 
 
 def export_sparse(
@@ -75,10 +75,10 @@ def export_sparse(
         entry = encode(layer.weight, layer.mask)
         layers[layer.name] = {"shape": list(layer.mask.shape), "encoding": entry.pop("encoding")}
         tensors.update({f"masked/{layer.name}/{field}": t for field, t in entry.items()})
-    dense = _dense_state(model, masks)
-    tensors.update({f"dense/{k}": v for k, v in dense.items()})
+    unmasked = _unmasked_state(model, masks)
+    weights = {layer.buffer_path[: -len("_mask")] for layer in masks}  # stored encoded above
+    tensors.update({f"dense/{k}": v for k, v in unmasked.items() if k not in weights})
     blobs, table = pack(tensors)
-    total = masks.total
     state = {
         "format": FORMAT,
         "meta": {
@@ -90,7 +90,7 @@ def export_sparse(
             "input_shape": list(input_shape) if input_shape is not None else None,
             "normalization": normalization,
             "structure": masks.structure.to_dict(),
-            "sparsity": 1.0 - sum(masks.num_active()) / total,
+            "sparsity": masks.sparsity(),
             "masked_layers": masks.names,
             "torch": str(torch.__version__),
             "source": source,
@@ -107,7 +107,7 @@ def export_sparse(
     torch.save({"format": FORMAT, "header": header, "blobs": blobs}, buffer)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
     reference = io.BytesIO()
-    torch.save({k: v for k, v in model.state_dict().items() if k not in {layer.buffer_path for layer in masks}}, reference)
+    torch.save(unmasked, reference)
     size, dense_size = len(buffer.getvalue()), len(reference.getvalue())
     return {"path": str(path), "bytes": size, "dense_bytes": dense_size, "ratio": size / dense_size,
             "encodings": {n: e["encoding"] for n, e in layers.items()}}
@@ -211,7 +211,7 @@ def load_sparse(
     if missing or extra:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
     model.load_state_dict({**target, **full})
-    mask_set = MaskSet(model, masks, Structure(**meta.get("structure", {"kind": "unstructured"})))
+    mask_set = MaskSet(model, masks, Structure.from_dict(meta.get("structure")))
     model.sparseopt_meta = meta
     model.eval()
     if not inference:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..masks.maskset import MaskSet
-from .kernels import KERNELS, SparseConv2d, SparseLinear, time_alternating, time_call
+from .kernels import KERNELS, SparseConv2d, SparseLinear, time_alternating
 
 FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -181,10 +181,10 @@ def sparse_inference(
             candidates = [k for k in candidates if k == choose] or ["dense"]
         timings = {}
         if len(candidates) > 1:
+            layers = {kernel: wrapper(module, mask, kernel) for kernel in candidates}
             with torch.inference_mode():
-                for kernel in candidates:
-                    layer = wrapper(module, mask, kernel)
-                    timings[kernel] = time_call(lambda layer=layer, x=inputs[name]: layer(x), repeats)
+                timings = time_alternating({k: (lambda layer=layer, x=inputs[name]: layer(x)) for k, layer in layers.items()},
+                                           repeats)
         kernels[name] = min(timings, key=timings.get) if timings else candidates[0]
         report["layers"][name] = {"kernel": kernels[name], "ms": {k: round(v * 1e3, 4) for k, v in timings.items()},
                                   "density": float(mask.float().mean())}

@@ -22,18 +22,6 @@ from torch import nn
 KERNELS = ("dense", "csr", "condensed")
 
 
-def time_call(fn, repeats: int = 5) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def patches(x: torch.Tensor, kernel, stride, padding, dilation) -> tuple[torch.Tensor, int, int]:
     """``(cols, h, w)``: the convolution's input patches as one ``(C * kh * kw, B * h * w)`` matrix.
 

@@ -34,10 +34,9 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, MaskSet, dict[str, Any]]:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     num_classes = state.get("num_classes") or results.get("num_classes")
     spec = model_spec(cfg, num_classes)
-    model = build_model(spec.name, spec.num_classes, in_shape=spec.in_shape, **spec.kwargs)
+    model = spec.build()
     saved = state["masks"]
-    masks = MaskSet(model, dict(zip(saved["names"], saved["masks"])),
-                    Structure(**saved.get("structure", {"kind": "unstructured"})))
+    masks = MaskSet(model, dict(zip(saved["names"], saved["masks"])), Structure.from_dict(saved.get("structure")))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

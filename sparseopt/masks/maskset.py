@@ -371,7 +371,7 @@ class MaskSet:
                 f"checkpoint masks are for layers {list(state['names'])}, this MaskSet has {self.names}: "
                 "is the checkpoint from another model or sparsity configuration?"
             )
-        saved = Structure(**state.get("structure", {"kind": "unstructured"}))  # older checkpoints: unstructured
+        saved = Structure.from_dict(state.get("structure"))
         if saved != self.structure:
             raise ValueError(f"checkpoint masks have the {saved} structure, this MaskSet has {self.structure}")
         check_structure(self.structure, self.names, list(state["masks"]), "in the checkpoint")

@@ -43,9 +43,7 @@ class Structure:
         if isinstance(structure, Structure):
             return structure
         if structure != "nm":
-            if nm is not None and structure not in STRUCTURES:
-                raise ValueError(f"unknown structure {structure!r}; choose one of {list(STRUCTURES)}")
-            return cls(structure)
+            return cls(structure)  # an unknown name is refused by __post_init__
         if nm is None:
             raise ValueError("structure='nm' needs nm='N:M' (e.g. '2:4')")
         if isinstance(nm, str):
@@ -69,6 +67,11 @@ class Structure:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "n": self.n, "m": self.m}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Structure:
+        """Inverse of :meth:`to_dict`; ``None`` (files from before structures existed) is unstructured."""
+        return cls(**data) if data else cls()
 
     # -- groups ----------------------------------------------------------------------
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:

@@ -7,15 +7,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
 NORMS = ("none", "batchnorm", "layernorm", "groupnorm", "rmsnorm")
 
 
-def make_norm(norm: str, width: int) -> nn.Module | None:
-    """The normalization layer named ``norm`` over ``width`` features (``None`` for ``"none"``)."""
+def make_norm(norm: str | Callable[[int], nn.Module], width: int) -> nn.Module | None:
+    """The normalization layer named ``norm`` over ``width`` features (``None`` for ``"none"``).
+
+    ``norm`` may also be a factory ``width -> module`` (a GroupNorm with other groups, say).
+    """
+    if callable(norm):
+        return norm(width)
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
     if norm == "rmsnorm" and not hasattr(nn, "RMSNorm"):
@@ -32,8 +37,9 @@ def make_norm(norm: str, width: int) -> nn.Module | None:
 class MLP(nn.Sequential):
     """Flatten -> [Linear -> norm -> ReLU] per hidden width -> Linear(classes)."""
 
-    def __init__(self, in_features: int = 784, hidden: int | Sequence[int] = 64, num_classes: int = 10, norm: str = "batchnorm"):
-        if norm not in NORMS:
+    def __init__(self, in_features: int = 784, hidden: int | Sequence[int] = 64, num_classes: int = 10,
+                 norm: str | Callable[[int], nn.Module] = "batchnorm"):
+        if not callable(norm) and norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
         layers: list[nn.Module] = [nn.Flatten()]

@@ -76,6 +76,21 @@ def prune_and_grow(
     return kept.reshape(mask.shape), new.reshape(mask.shape)
 
 
+def _finite(score: torch.Tensor) -> torch.Tensor:
+    """``score`` as float32 with non-finite entries (an fp16 gradient overflow) below every finite one."""
+    return score.to(torch.float32).nan_to_num(nan=-3e38, posinf=-3e38, neginf=-3e38)
+
+
+def _row_ranks(key: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    """Each entry's place in its row ordered by ``key``, largest first (0 = best); ``first``: a bool
+    tensor whose True entries come before all others in their row. Ties go to the lower index."""
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    if first is not None:  # a second stable sort on the flag keeps the key's order within each side
+        order = order.gather(1, torch.sort(first.gather(1, order).to(torch.int8), dim=1, descending=True,
+                                           stable=True).indices)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+
+
 def prune_and_grow_grouped(
     mask: torch.Tensor,
     prune_score: torch.Tensor,
@@ -98,10 +113,8 @@ def prune_and_grow_grouped(
     lost = groups(mask & ~kept).sum(1, keepdim=True)  # (G, 1): how many each group regrows
     g_kept = groups(kept)
     # Entries not kept rank above every kept one; among them, non-finite scores (fp16 overflow) rank last.
-    score = groups(grow_score).to(torch.float32).nan_to_num(nan=-3e38, posinf=-3e38, neginf=-3e38)
-    score = torch.where(g_kept, torch.full_like(score, float("-inf")), score)
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    score = _finite(groups(grow_score))
+    rank = _row_ranks(torch.where(g_kept, torch.full_like(score, float("-inf")), score))
     new = g_kept | (rank < lost)
     return kept, new.reshape(mask.shape)
 
@@ -139,12 +152,7 @@ def prune_and_grow_ablating(
     new_k = min(rows.shape[1], max(1, round(total / int(live.sum()))))
     kept_rows = kept.reshape(rows.shape)
     # Per row: kept weights first (largest |score| first), then free positions by largest grow score.
-    secondary = torch.where(kept_rows, prune_score.reshape(rows.shape).abs().to(torch.float32),
-                            grow_score.reshape(rows.shape).to(torch.float32).nan_to_num(nan=-3e38, posinf=-3e38,
-                                                                                       neginf=-3e38))
-    order = torch.sort(secondary, dim=1, descending=True, stable=True).indices
-    order = order.gather(1, torch.sort(kept_rows.gather(1, order).to(torch.int8), dim=1, descending=True,
-                                       stable=True).indices)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    new = (rank < new_k) & live.reshape(-1, 1)
+    key = torch.where(kept_rows, prune_score.reshape(rows.shape).abs().to(torch.float32),
+                      _finite(grow_score.reshape(rows.shape)))
+    new = (_row_ranks(key, first=kept_rows) < new_k) & live.reshape(-1, 1)
     return kept, new.reshape(mask.shape)

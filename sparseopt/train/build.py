@@ -41,6 +41,9 @@ class ModelSpec:
     in_shape: tuple[int, ...]
     kwargs: dict
 
+    def build(self) -> nn.Module:
+        return build_model(self.name, self.num_classes, in_shape=self.in_shape, **self.kwargs)
+
 
 def model_spec(cfg: TrainConfig, num_classes: int | None = None) -> ModelSpec:
     """The config's model with ``num_classes`` outputs (default: the dataset's own count)."""
@@ -60,8 +63,7 @@ def model_spec(cfg: TrainConfig, num_classes: int | None = None) -> ModelSpec:
 
 def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
     """The config's model with ``num_classes`` outputs (default: the dataset's own count)."""
-    spec = model_spec(cfg, num_classes)
-    return build_model(spec.name, spec.num_classes, in_shape=spec.in_shape, **spec.kwargs)
+    return model_spec(cfg, num_classes).build()
 
 
 # SparseOpt as the paper describes it, and as this library recommends: the paper's magnitude pruning lets the

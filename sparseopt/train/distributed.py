@@ -84,7 +84,7 @@ def check_replicas_consistent(masks, model: torch.nn.Module, env: DistEnv, step:
     mine = parameter_checksums(model)
     gathered = [torch.empty_like(mine) for _ in range(env.world_size)]
     dist.all_gather(gathered, mine)
-    differ = [i for i in range(len(mine)) if any(not torch.equal(g[i], gathered[0][i]) for g in gathered[1:])]
+    differ = (torch.stack(gathered) != gathered[0]).any(0).nonzero().reshape(-1).tolist()
     if differ:
         names = [name for name, _ in model.named_parameters()]
         raise ReplicaDivergenceError(
