@@ -13,7 +13,9 @@ their choices from them, so a new method is one ``register`` call::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import difflib
+import inspect
+from collections.abc import Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -47,7 +49,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of {list(self._items)}") from None
+            raise ValueError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._items)}; "
+                             f"choose one of {list(self._items)}") from None
 
     def get(self, name: str, default: T | None = None) -> T | None:
         return self._items.get(name, default)
@@ -70,3 +73,53 @@ class Registry(Generic[T]):
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
 
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parameters(fn) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature: accept anything
+        return {"kwargs": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
+
+
+def accepts(fn, name: str) -> bool:
+    """Whether ``fn`` (a class or function) names a parameter ``name`` in its signature."""
+    return name in _parameters(fn)
+
+
+def keyword_names(fn) -> list[str] | None:
+    """The keyword parameters of ``fn``; ``None`` when it takes ``**kwargs`` that go anywhere.
+
+    A class whose ``__init__`` passes ``**kwargs`` on to its base (``super().__init__(**kwargs)``, as the
+    DST updaters do) takes its bases' parameters too: they are followed along the MRO.
+    """
+    chain = [c.__init__ for c in fn.__mro__ if "__init__" in vars(c) and c is not object] if isinstance(fn, type) else [fn]
+    names: list[str] = []
+    for function in chain:
+        params = list(_parameters(function).values())
+        names += [p.name for p in params if p.name != "self" and p.name not in names
+                  and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def check_keywords(fn, kwargs: dict[str, Any], what: str, reserved: dict[str, str] | None = None) -> None:
+    """Refuse keywords that ``fn`` does not take, and those set elsewhere (``reserved``: name -> where), by name."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"the options of {what} must be a mapping of names to values, got {kwargs!r}")
+    for key in kwargs:
+        if reserved and key in reserved:
+            raise ValueError(f"{key!r} of {what} is {reserved[key]}: not an extra option")
+    names = keyword_names(fn)
+    unknown = [k for k in kwargs if names is not None and k not in names]
+    if unknown:
+        free = [n for n in names if n not in (reserved or {}) and n not in ("self", "masks", "optimizer")]
+        raise ValueError(f"{what} takes no option {unknown[0]!r}{did_you_mean(unknown[0], free)}; "
+                         f"its further options: {free or 'none'}")

@@ -26,7 +26,7 @@ def main():
         argv = argv[:i] + argv[i + 2:]
     corrupt = "--corrupt-mask-on-rank-1" in argv
     if "--unsync-bn-stats" in argv:  # the defect of issue 18: per-rank BatchNorm statistics into c_i
-        import sparseopt.optim.sparseopt as so
+        import sparseopt.optim.scales as so
 
         so.mean_over_ranks = lambda tensors, group=None: tensors
     argv = [a for a in argv if a not in ("--corrupt-mask-on-rank-1", "--unsync-bn-stats")]

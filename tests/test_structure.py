@@ -54,8 +54,8 @@ def test_grouped_prune_and_grow_keeps_each_group_and_prunes_as_the_layer_does():
     structure = Structure("constant_fan_in")
     mask = structure.random_mask((6, 10), 24, g, "cpu")  # 4 per row
     weight, grad = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
-    kept, new = prune_and_grow_grouped(mask, weight, grad.abs(), 7, structure.groups)
-    assert torch.equal(kept, prune(mask, weight, 7)[0])  # the 7 smallest |w| of the layer, wherever they are
+    kept, new = prune_and_grow_grouped(mask, weight.abs(), grad.abs(), 7, structure.groups)
+    assert torch.equal(kept, prune(mask, weight.abs(), 7)[0])  # the 7 smallest |w| of the layer, wherever they are
     assert (kept.sum() == 17) and torch.equal(_row_counts(new), _row_counts(mask))
     # each row regrew its losses by largest |grad| among its entries not kept
     for i in range(6):
@@ -121,7 +121,7 @@ def test_srigl_neuron_ablation_removes_weak_neurons_and_keeps_fan_in_equal():
     weight[2] *= 1e-3  # neuron 2: tiny weights, pruned first ...
     grad = torch.rand(8, 20, generator=g)
     grad[2] = 0.0      # ... and nothing RigL would grow there: no salient connection left
-    kept, new = prune_and_grow_ablating(mask, weight, grad, 4, gamma=0.3)
+    kept, new = prune_and_grow_ablating(mask, weight.abs(), grad, 4, gamma=0.3)
     counts = new.sum(1)
     assert counts[2] == 0 and (counts[counts > 0] == counts[counts > 0][0]).all()
     assert counts.sum() == 7 * round(32 / 7) and counts[0] == 5  # 32 inputs shared out over 7 live neurons

@@ -108,7 +108,7 @@ def test_bn_stats_scales_follow_the_following_batchnorm():
     for layer, g, c in zip(masks, raw, expected):
         shape = (-1,) + (1,) * (g.dim() - 1)
         torch.testing.assert_close(layer.weight.grad, g * c.reshape(shape) * layer.mask)
-    with pytest.raises(ValueError, match="unknown scale_source 'bn'"):
+    with pytest.raises(ValueError, match="unknown scale source 'bn'"):
         sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.1), masks, scale_source="bn")
 
 

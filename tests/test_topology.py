@@ -76,7 +76,7 @@ def test_corrected_growth_gradient_uses_sparseopt_scales():
 
 def test_ties_broken_by_position():
     mask = torch.tensor([True, True, False, False, False, False])
-    kept, new = prune_and_grow(mask, torch.tensor([1.0, -1.0, 0, 0, 0, 0]), torch.zeros(6), 1)
+    kept, new = prune_and_grow(mask, torch.tensor([1.0, 1.0, 0, 0, 0, 0]), torch.zeros(6), 1)
     assert kept.tolist() == [True, False, False, False, False, False]
     assert new.tolist() == [True, True, False, False, False, False]  # all-zero grads: lowest index
 

@@ -35,17 +35,17 @@ from typing import Any
 
 import yaml
 
+from ..optim.presets import OPTIMIZER_PRESETS
+from ..topology import DST_METHODS
+from ..train.config import NON_METHOD_KEYS, with_defaults
 from ..train.io import atomic_write, read_metrics, write_json
+from ..train.naming import NAMED_KEYS
 from .figures import epoch_axis, pyplot, save_figure, write_csv, write_text
 
 # The axes of the paper's tables; runs are grouped by every method key (below), not by these alone.
-GROUP_KEYS = ("dataset", "model", "dst", "optimizer", "ham", "renorm", "growth_grad", "sparsity", "epochs")
+GROUP_KEYS = tuple(k for k in NAMED_KEYS if k != "seed")  # the keys of a run's name (sparseopt.train.naming)
 # Keys that do not change what is computed (or only how fast): runs differing only in these are seeds of one group.
-RUNTIME_KEYS = frozenset({
-    "seed", "out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download", "device",
-    "eval_batch_size", "check_masks", "compare_optimizers", "monitor", "compile", "bf16", "channels_last",
-    "cudnn_benchmark",
-})
+RUNTIME_KEYS = NON_METHOD_KEYS
 # Keys whose values the paper's table rows already show.
 LABELLED_KEYS = frozenset({"dataset", "model", "dst", "sparsity", "epochs", "optimizer"})
 
@@ -83,6 +83,8 @@ class RunRecord:
 
 
 def _hashable(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -98,7 +100,8 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> RunRecord:
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    # A key the run's version did not have counts at what it meant then: runs of every version group together.
+    config = with_defaults(yaml.safe_load((path / "config.yaml").read_text()) or {})
     results_path = path / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     # Group by what ran, not by what the config says: an "auto" key means whatever the version that trained the
@@ -126,8 +129,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def method_label(optimizer: str, ham: bool, renorm, growth_grad: str, extras: dict[str, Any] | None = None) -> str:
-    label = "Ours" if optimizer in ("sparseopt", "sparseopt_paper") else "Baseline"
-    parts = ["paper-exact"] if optimizer == "sparseopt_paper" else []
+    preset = OPTIMIZER_PRESETS.get(optimizer)
+    label = preset.label if preset is not None else str(optimizer)
+    parts = [preset.note] if preset is not None and preset.note else []
     if ham:
         parts.append("w/ HAM")
     if renorm is not None:
@@ -204,26 +208,40 @@ def _update_value(record: dict[str, Any], key: str) -> float | None:
     return record.get(key)
 
 
-def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
+def method_groups(records: list[RunRecord]) -> list[tuple[tuple, list[RunRecord], str, dict[str, Any]]]:
+    """Completed runs grouped by their method keys, in a stable order: (key, runs, label, keys the label names).
+
+    The one grouping of the report: tables, figures and the neuron table all read it, so a
+    method has the same label everywhere.
+    """
     groups: dict[tuple, list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.status == "completed":
             groups[r.key].append(r)
     extras = differing_keys(list(groups))
-    rows = []
+    out = []
     for key, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        f = dict(key)
+        label = method_label(f.get("optimizer"), f.get("ham"), f.get("renorm"), f.get("growth_grad", "original"), extras[key])
+        out.append((key, runs, label, extras[key]))
+    return out
+
+
+def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
+    rows = []
+    for key, runs, label, extras in method_groups(records):
         config = dict(key)
         fields = {k: config.get(k) for k in GROUP_KEYS}
         acc_mean, acc_std = mean_std([r.results["final"]["test_acc"] for r in runs])
         itops = [r.results["final"]["itop"] for r in runs if "itop" in r.results.get("final", {})]
         seeds = sorted(r.config.get("seed") for r in runs)
-        paper_setting = fields["renorm"] is None and fields["growth_grad"] == "original" and not extras[key]
+        paper_setting = fields["renorm"] is None and fields["growth_grad"] == "original" and not extras
         paper = PAPER.get((fields["dataset"], fields["model"], fields["dst"], fields["sparsity"], fields["optimizer"],
                            bool(fields["ham"])), {}) if paper_setting else {}
         rows.append({
             **fields,
-            "method": method_label(fields["optimizer"], fields["ham"], fields["renorm"], fields["growth_grad"], extras[key]),
-            "differs": extras[key],
+            "method": label,
+            "differs": extras,
             "n_seeds": len(runs),
             "seeds": seeds,
             "duplicate_seeds": sorted({s for s in seeds if seeds.count(s) > 1}),
@@ -308,17 +326,13 @@ def plot_budget(rows, path: Path) -> None:
 
 
 def labelled_groups(records: list[RunRecord]) -> list[tuple[str, list[RunRecord]]]:
-    """Completed runs with metrics, grouped as in the tables, each with a label for figures."""
-    groups: dict[tuple, list[RunRecord]] = defaultdict(list)
-    for r in records:
-        if r.status == "completed" and r.metrics:
-            groups[r.key].append(r)
-    extras = differing_keys(list(groups))
+    """The groups of :func:`method_groups` (labels as in the tables), each with its runs that have metrics."""
     out = []
-    for key, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for key, runs, label, _ in method_groups(records):
         f = dict(key)
-        label = method_label(f.get("optimizer"), f.get("ham"), f.get("renorm"), f.get("growth_grad", "original"), extras[key])
-        out.append((f"{f.get('dst')}: {label} {100 * f.get('sparsity', 0):g}% e{f.get('epochs')}", runs))
+        with_metrics = [r for r in runs if r.metrics]
+        if with_metrics:
+            out.append((f"{f.get('dst')}: {label} {100 * f.get('sparsity', 0):g}% e{f.get('epochs')}", with_metrics))
     return out
 
 
@@ -411,7 +425,9 @@ def neuron_table(rows: list[dict[str, Any]]) -> str:
 def plot_itop(rows, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    sel = [r for r in rows if r["itop_mean"] is not None and r["dst"] in ("rigl", "set")]
+    # Every method that changes its topology (registered ones too): a static mask's ITOP is its density.
+    sel = [r for r in rows if r["itop_mean"] is not None and getattr(DST_METHODS.get(r["dst"]), "dynamic", True)
+           and r["dst"] != "dense"]
     longest = max((r["epochs"] for r in sel), default=None)
     sel = [r for r in sel if r["epochs"] == longest]  # one budget: ITOP grows with training length
     for i, method in enumerate(sorted({(r["dst"], r["method"]) for r in sel})):

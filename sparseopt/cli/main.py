@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from ..plugins import load_plugins
 from ..train.trainer import Interrupted, NonFiniteLoss
 
 # Errors a user can fix (bad value, missing data, existing folder, an output location that cannot be written):
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; choose one of {list(COMMANDS)}", file=sys.stderr)
         return 2
     try:
+        # Before any config is read: what plugins register is then a choice of every flag and sweep file.
+        load_plugins()
         return COMMANDS[name][0](rest)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)

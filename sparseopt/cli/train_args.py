@@ -20,6 +20,7 @@ from ..train.config import (
     field_choices,
     field_docs,
     make_config,
+    unknown_key_message,
 )
 
 
@@ -53,8 +54,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def parse_train_args(parser: argparse.ArgumentParser, argv: list[str]) -> TrainConfig:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; valid config keys: "
-                         + ", ".join("--" + k.replace("_", "-") for k in sorted(FIELDS)))
+        raise ValueError(unknown_key_message(unknown[0], flag=True))
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
     base_file = args.config or default_config_path()
     return make_config(base_file, overrides)

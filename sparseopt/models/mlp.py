@@ -37,8 +37,13 @@ def make_norm(norm: str | Callable[[int], nn.Module], width: int) -> nn.Module |
 class MLP(nn.Sequential):
     """Flatten -> [Linear -> norm -> ReLU] per hidden width -> Linear(classes)."""
 
+    # Config keys the constructor reads (build_model passes them): parameter <- config key.
+    config_options = {"hidden": "mlp_hidden", "norm": "mlp_norm"}
+
     def __init__(self, in_features: int = 784, hidden: int | Sequence[int] = 64, num_classes: int = 10,
-                 norm: str | Callable[[int], nn.Module] = "batchnorm"):
+                 norm: str | Callable[[int], nn.Module] = "batchnorm", in_shape: Sequence[int] | None = None):
+        if in_shape is not None:  # (C, H, W) of the input: the flattened size
+            in_features = math.prod(in_shape)
         if not callable(norm) and norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
         widths = [hidden] if isinstance(hidden, int) else list(hidden)

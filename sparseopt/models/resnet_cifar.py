@@ -83,13 +83,18 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet20(num_classes: int = 10, **kw) -> CifarResNet:
-    return CifarResNet(20, num_classes, **kw)
+def resnet20(num_classes: int = 10, shortcut: str = "B", width: int = 16) -> CifarResNet:
+    return CifarResNet(20, num_classes, shortcut=shortcut, width=width)
 
 
-def resnet32(num_classes: int = 10, **kw) -> CifarResNet:
-    return CifarResNet(32, num_classes, **kw)
+def resnet32(num_classes: int = 10, shortcut: str = "B", width: int = 16) -> CifarResNet:
+    return CifarResNet(32, num_classes, shortcut=shortcut, width=width)
 
 
-def resnet56(num_classes: int = 10, **kw) -> CifarResNet:
-    return CifarResNet(56, num_classes, **kw)
+def resnet56(num_classes: int = 10, shortcut: str = "B", width: int = 16) -> CifarResNet:
+    return CifarResNet(56, num_classes, shortcut=shortcut, width=width)
+
+
+# Config keys these constructors read (build_model passes them): constructor parameter <- config key.
+for _fn in (resnet20, resnet32, resnet56):
+    _fn.config_options = {"shortcut": "shortcut"}

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .wrapper import OptimizerWrapper
+from .wrapper import OptimizerWrapper, use_foreach
 
 
 def _ham_update_single(weights, grads, lr: float, alpha: float, beta: float, clamp: float) -> None:
@@ -62,11 +62,14 @@ def _ham_update_foreach(weights, grads, lr: float, alpha: float, beta: float, cl
 
 
 @torch.no_grad()
-def ham_update_(weights, grads, lr: float, alpha: float, beta: float, clamp: float = 5.0, foreach: bool = True) -> None:
-    """The hyperbolic step in place on lists of weights and their gradients."""
+def ham_update_(weights, grads, lr: float, alpha: float, beta: float, clamp: float = 5.0,
+                foreach: bool | None = None) -> None:
+    """The hyperbolic step in place on lists of weights and their gradients (``foreach``: as torch.optim)."""
+    weights = list(weights)
     if not weights:
         return
-    (_ham_update_foreach if foreach else _ham_update_single)(list(weights), list(grads), float(lr), alpha, beta, clamp)
+    (_ham_update_foreach if use_foreach(weights, foreach) else _ham_update_single)(weights, list(grads), float(lr), alpha,
+                                                                                 beta, clamp)
 
 
 class HAM(OptimizerWrapper):
@@ -83,7 +86,8 @@ class HAM(OptimizerWrapper):
         max_grad_norm: clip each param group's gradients to this total norm after
             the step (default 20, the authors'; ``None``: off). The step uses the
             unclipped gradient.
-        foreach: use the fused ``torch._foreach_*`` path (default) or the per-tensor one.
+        foreach: use the multi-tensor ``torch._foreach_*`` kernels (``None``, the default: when the
+            weights are on a CUDA device, as torch.optim decides) or one kernel per tensor (``False``).
 
     A param group may override ``ham_alpha`` / ``ham_beta``.
     """
@@ -97,7 +101,7 @@ class HAM(OptimizerWrapper):
         clamp: float = 5.0,
         max_weight_norm: float | None = 1000.0,
         max_grad_norm: float | None = 20.0,
-        foreach: bool = True,
+        foreach: bool | None = None,
     ):
         super().__init__(base)
         for name, value in (("alpha", alpha), ("beta", beta)):

@@ -21,17 +21,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from ..masks.maskset import MaskSet
+from .clip import clip_grad_norm_of
 from .norms import NORM_TYPES, channel_dim, norm_group_size, removes_skew
-from .preconditioner import bn_scales, gradient_multiplier, neuron_scales, smooth_scales
-from .wrapper import OptimizerWrapper, grads_of
+from .preconditioner import gradient_multiplier, neuron_scales, smooth_scales
+from .scales import SCALE_SOURCES, ScaleInput, ScaleSource, make_scale_source, mean_over_ranks  # noqa: F401
+from .wrapper import OptimizerWrapper, foreach_add_, foreach_mul_, grads_of
 
 LAYER_CHOICES = ("all", "normalized")
-SCALE_SOURCES = ("fan_in", "bn_stats")
 logger = logging.getLogger("sparseopt")
 _NONE: list[str] = []  # the baseline's (empty) selection, one object so the cache check is an identity test
 
@@ -100,20 +100,6 @@ class DetectedLayers:
         pass
 
 
-def mean_over_ranks(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
-    """The mean of each tensor over the ranks of ``group`` (one all-reduce); the tensors themselves outside DDP.
-
-    BatchNorm's running statistics differ per rank (each sees its own batch). Scales read from them must
-    be the same on every rank, or the replicas' weights drift apart although their masks stay equal.
-    """
-    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return tensors
-    flat = torch.cat([t.detach().to(torch.float32).reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)  # every rank receives the same sum, so the same bits
-    flat /= dist.get_world_size(group)
-    return list(flat.split([t.numel() for t in tensors]))
-
-
 class SparseOpt(OptimizerWrapper):
     """Wrap ``base`` so that it trains the sparse model of ``masks`` (optionally preconditioned).
 
@@ -136,12 +122,14 @@ class SparseOpt(OptimizerWrapper):
             gradient *before* the scaling, as an L2 term in the loss would be
             (JAX/Flax recipes). Default ``False``: PyTorch's SGD adds it after the
             scaling, unscaled. Intended for SGD; AdamW's decay is decoupled.
-        scale_source: where ``c_i`` comes from: ``"bn_stats"`` (default, recommended:
-            ``sigma_i / rms(sigma)`` from the running variance of the BatchNorm the
-            layer feeds, averaged over DDP ranks, recomputed every step; layers
-            without running statistics use the fan-in) or ``"fan_in"`` (the paper,
-            ``sqrt(n_i / n_avg)``, recomputed when a mask changes). docs/results.md
-            has the evidence for the default.
+        scale_source: where ``c_i`` comes from, a name of
+            :data:`~sparseopt.optim.scales.SCALE_SOURCES` or a
+            :class:`~sparseopt.optim.scales.ScaleSource`: ``"bn_stats"`` (default,
+            recommended: ``sigma_i / rms(sigma)`` from the running variance of the
+            BatchNorm the layer feeds, averaged over DDP ranks, recomputed every step;
+            layers without running statistics use the fan-in) or ``"fan_in"`` (the
+            paper, ``sqrt(n_i / n_avg)``, recomputed when a mask changes).
+            docs/results.md has the evidence for the default.
         scale_ema: ``beta`` of an exponential moving average of ``c`` over steps
             (``0``, the default: ``c`` jumps to its new value at a mask update).
         undamped_growth: connections added by the last topology update get
@@ -149,6 +137,9 @@ class SparseOpt(OptimizerWrapper):
         process_group: under DDP, the ranks whose BatchNorm statistics are averaged
             before ``bn_stats`` scales are computed (default: the whole world), so
             that every replica applies the same ``c``.
+        foreach: use the multi-tensor ``torch._foreach_*`` kernels (``None``, the
+            default: when every masked weight is on a CUDA device, as torch.optim
+            decides) or one kernel per tensor (``False``).
 
     Call :meth:`skip_next_step` to make the next :meth:`step` a no-op (the
     topology updaters do this on mask-update steps, as reference RigL does).
@@ -163,18 +154,18 @@ class SparseOpt(OptimizerWrapper):
         layers: str | Sequence[str] = "normalized",
         max_grad_norm: float | None = None,
         scale_weight_decay: bool = False,
-        scale_source: str = "bn_stats",
+        scale_source: str | ScaleSource = "bn_stats",
         scale_ema: float = 0.0,
         undamped_growth: bool = False,
         process_group=None,
+        foreach: bool | None = None,
     ):
         super().__init__(base)
         if not isinstance(masks, MaskSet):
             raise TypeError(f"masks must be a sparseopt.MaskSet, got {type(masks).__name__}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
-        if scale_source not in SCALE_SOURCES:
-            raise ValueError(f"unknown scale_source {scale_source!r}; choose one of {list(SCALE_SOURCES)}")
+        source = make_scale_source(scale_source)  # ValueError listing the registered sources
         if not 0.0 <= float(scale_ema) < 1.0:
             raise ValueError(f"scale_ema must be in [0, 1), got {scale_ema!r}")
         held = {id(p) for group in base.param_groups for p in group["params"]}
@@ -188,11 +179,12 @@ class SparseOpt(OptimizerWrapper):
         self.precondition = bool(precondition)
         self.max_grad_norm = max_grad_norm
         self.scale_weight_decay = bool(scale_weight_decay)
-        self.scale_source = scale_source
+        self._source = source
+        self.scale_source = source.name
+        self.foreach = foreach
         self.scale_ema = float(scale_ema)
         self.undamped_growth = bool(undamped_growth)
         self.process_group = process_group
-        self._finder: NormalizedLayerFinder | None = None
         if isinstance(layers, str):
             if layers not in LAYER_CHOICES:
                 raise ValueError(f"unknown layers={layers!r}; choose one of {list(LAYER_CHOICES)} or a list of layer names")
@@ -204,8 +196,8 @@ class SparseOpt(OptimizerWrapper):
                 raise ValueError(f"layers {unknown} are not masked; masked layers are {masks.names}")
             self.layers = "custom"
             self._selected = [n for n in masks.names if n in set(layers)]
-        if self.precondition and (self._selected is None or scale_source == "bn_stats"):
-            self._finder = NormalizedLayerFinder(masks.model, masks)
+        # One finder per run: it serves the layer selection, the scale source and the trainer's monitoring.
+        self._finder: NormalizedLayerFinder | DetectedLayers = NormalizedLayerFinder(masks.model, masks)
         self._skip_next = False
         # The scales applied now (per layer; None = not preconditioned) and the multipliers built from them.
         self._scales: list[torch.Tensor | None] | None = None
@@ -219,7 +211,7 @@ class SparseOpt(OptimizerWrapper):
     @property
     def dynamic_scales(self) -> bool:
         """Whether ``c`` may change at every step (then it is recomputed per step, not cached)."""
-        return self.precondition and (self.scale_source == "bn_stats" or self.scale_ema > 0)
+        return self.precondition and (self._source.dynamic or self.scale_ema > 0)
 
     # -- which layers ---------------------------------------------------------------
     @property
@@ -227,8 +219,12 @@ class SparseOpt(OptimizerWrapper):
         """Names of the layers whose gradients are scaled (empty for the baseline)."""
         return list(self._selection())
 
+    def normalizations(self) -> dict[str, nn.Module] | None:
+        """Masked layer name -> the normalization module its output feeds (None before the first forward pass)."""
+        return self._finder.norms if self._finder.found is not None else None
+
     def _detected(self) -> NormalizedLayerFinder:
-        if self._finder is None or self._finder.found is None:
+        if self._finder.found is None:
             raise RuntimeError(
                 "layers='normalized' and scale_source='bn_stats' are detected on the model's first forward pass; "
                 "run a forward pass before calling step() or reading preconditioned_layers"
@@ -249,31 +245,19 @@ class SparseOpt(OptimizerWrapper):
                     "has no skew to cancel), so no gradient is preconditioned and SparseOpt trains exactly as the masked "
                     "baseline; pass layers='all' or a list of layer names to precondition them anyway"
                 )
-            elif self.scale_source == "bn_stats":
-                no_stats = [n for n in self._selected if getattr(self._detected().norms.get(n), "running_var", None) is None]
-                if no_stats:
-                    logger.info("scale_source='bn_stats': %s feed a normalization without running statistics; "
-                                "their c_i is the fan-in scale", no_stats)
+            elif self._source.reads_norms:
+                self._source.check(self._scale_inputs(set(self._selected)))
         return self._selected
+
+    def _scale_inputs(self, chosen: set[str]) -> list[ScaleInput]:
+        norms = self._detected().norms if self._source.reads_norms and chosen else {}
+        fan_in = self._fan_in_scales()
+        return [ScaleInput(layer, norms.get(layer.name), fan_in[i]) for i, layer in enumerate(self.masks) if layer.name in chosen]
 
     def _target_scales(self) -> list[torch.Tensor | None]:
         chosen = set(self._selection())
-        norms = self._detected().norms if self.scale_source == "bn_stats" and chosen else {}
-        stats: dict[int, torch.Tensor] = {}  # layer index -> the running variance its c_i is read from
-        for index, layer in enumerate(self.masks):
-            running_var = getattr(norms.get(layer.name), "running_var", None)
-            if layer.name in chosen and running_var is not None and running_var.shape[0] == layer.mask.shape[0]:
-                stats[index] = running_var
-        stats = dict(zip(stats, mean_over_ranks(list(stats.values()), self.process_group)))
-        out: list[torch.Tensor | None] = []
-        for index, layer in enumerate(self.masks):
-            if layer.name not in chosen:
-                out.append(None)
-            elif index in stats:
-                out.append(bn_scales(stats[index], layer.mask))
-            else:
-                out.append(self._fan_in_scales()[index])
-        return out
+        computed = iter(self._source.scales(self._scale_inputs(chosen), self.process_group) if chosen else [])
+        return [next(computed) if layer.name in chosen else None for layer in self.masks]
 
     def _set_group_sizes(self, sizes: dict[str, int]) -> None:
         # layers="all" and explicit lists are the paper's rule: every neuron its own c_i.
@@ -349,7 +333,7 @@ class SparseOpt(OptimizerWrapper):
         self._refresh()
         params, grads = grads_of(layer.weight for layer in self.masks)
         if params:
-            torch._foreach_mul_(grads, [self._multipliers[id(p)] for p in params])
+            foreach_mul_(grads, [self._multipliers[id(p)] for p in params], self.foreach)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -361,8 +345,7 @@ class SparseOpt(OptimizerWrapper):
         try:
             self.precondition_grads_()
             if self.max_grad_norm is not None:
-                params, _ = grads_of(p for g in self.param_groups for p in g["params"])
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+                clip_grad_norm_of(self.param_groups, self.max_grad_norm, self.foreach)
             self.base.step()
         finally:
             if saved_decay is not None:
@@ -380,15 +363,15 @@ class SparseOpt(OptimizerWrapper):
             if wd:
                 params, grads = grads_of(group["params"])
                 if params:
-                    torch._foreach_add_(grads, params, alpha=wd)
+                    foreach_add_(grads, params, wd, self.foreach)
                 group["weight_decay"] = 0.0
         return saved
 
     def __getstate__(self) -> dict[str, Any]:
         # The finder's forward hooks cannot be copied: keep what it found (copies then need no forward pass).
         state = super().__getstate__()
-        finder = state.pop("_finder", None)
-        state["_finder"] = None if finder is None or finder.found is None else DetectedLayers(finder.found, finder.norms, finder.group_sizes)
+        finder = state.pop("_finder")
+        state["_finder"] = DetectedLayers(finder.found, finder.norms, finder.group_sizes)
         return state
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -423,8 +406,6 @@ class SparseOpt(OptimizerWrapper):
         if state["selected"] is not None:
             self._selected = list(state["selected"])
             self._set_group_sizes(state.get("group_sizes", {}))  # older checkpoints: per neuron, as they trained
-            if self._finder is not None and self.scale_source != "bn_stats":
-                self._finder.close()  # the checkpoint already knows the layers
         self._skip_next = bool(state["skip_next"])
         saved_scales = state.get("scales")
         self._scales = None if saved_scales is None else [

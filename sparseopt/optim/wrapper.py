@@ -139,3 +139,28 @@ def grads_of(params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(params, grads) of the params that have a gradient."""
     ps = [p for p in params if p.grad is not None]
     return ps, [p.grad for p in ps]
+
+
+def use_foreach(tensors: list[torch.Tensor], foreach: bool | None) -> bool:
+    """torch.optim's rule: ``foreach=None`` uses the multi-tensor kernels when every tensor is on a CUDA device."""
+    if foreach is not None:
+        return foreach
+    return bool(tensors) and all(t.device.type == "cuda" for t in tensors)
+
+
+def foreach_mul_(tensors: list[torch.Tensor], factors: list[torch.Tensor], foreach: bool | None = None) -> None:
+    """``t *= f`` for each pair; one multi-tensor kernel or one kernel per tensor (``use_foreach``)."""
+    if use_foreach(tensors, foreach):
+        torch._foreach_mul_(tensors, factors)
+    else:
+        for t, f in zip(tensors, factors):
+            t.mul_(f)
+
+
+def foreach_add_(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float, foreach: bool | None = None) -> None:
+    """``t += alpha * o`` for each pair, as :func:`foreach_mul_` decides the kernels."""
+    if use_foreach(tensors, foreach):
+        torch._foreach_add_(tensors, others, alpha=alpha)
+    else:
+        for t, o in zip(tensors, others):
+            t.add_(o, alpha=alpha)

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..train.config import FIELDS, TrainConfig, coerce, load_yaml, make_config
-from ..train.trainer import run_name
+from ..plugins import load_plugins
+from ..train.config import FIELDS, TrainConfig, coerce, load_yaml, make_config, unknown_key_message
+from ..train.naming import NAMED_KEYS, run_name
 
 SWEEP_KEYS = {"name", "base_config", "fixed", "grid", "variants", "seeds", "slurm", "nproc_per_run", "out"}
-NAMED_BY_RUN_NAME = {"dataset", "model", "dst", "optimizer", "sparsity", "ham", "renorm", "growth_grad", "epochs", "seed"}
 
 
 @dataclass
@@ -55,6 +55,7 @@ class PlannedRun:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
+    load_plugins()  # a sweep may name a plugin's method or model (docs/plugins.md)
     path = Path(path)
     data = load_yaml(path)
     unknown = set(data) - SWEEP_KEYS
@@ -81,7 +82,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise ValueError(f"sweep file {path}: a variant's seeds must be a non-empty list, got {v['seeds']!r}")
     for key in [*grid, *(k for v in variants for k in v if k != "seeds"), *(data.get("fixed") or {})]:
         if key not in FIELDS:
-            raise ValueError(f"sweep file {path}: unknown config key {key!r}; valid keys: {', '.join(sorted(FIELDS))}")
+            raise ValueError(f"sweep file {path}: {unknown_key_message(key)}")
     return SweepSpec(
         name=data.get("name", path.stem), base_config=base_path, fixed=data.get("fixed") or {}, grid=grid,
         variants=variants, seeds=[int(s) for s in seeds], slurm=data.get("slurm") or {},
@@ -101,7 +102,7 @@ def expand(spec: SweepSpec, out: str | Path, overrides: dict[str, Any] | None = 
                 swept = {**dict(zip(keys, values)), **variant}
                 cfg = make_config(spec.base_config, {**spec.fixed, **swept, **(overrides or {}), "seed": seed,
                                                      "compare_optimizers": False})
-                extra = [f"{k}{coerce(k, v)}" for k, v in swept.items() if k not in NAMED_BY_RUN_NAME]
+                extra = [f"{k}{name_value(coerce(k, v))}" for k, v in swept.items() if k not in NAMED_KEYS]
                 name = "-".join([run_name(cfg), *extra]).replace("/", "_")
                 cfg.out = str(out / name)
                 runs.append(PlannedRun(name, cfg.validate()))
@@ -110,6 +111,13 @@ def expand(spec: SweepSpec, out: str | Path, overrides: dict[str, Any] | None = 
     if duplicates:
         raise ValueError(f"sweep {spec.name}: runs with identical names {duplicates}; every swept key must change the name")
     return runs
+
+
+def name_value(value: Any) -> str:
+    """A swept value as it is written into a run name (mappings as ``a=1,b=2``)."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+    return str(value)
 
 
 def run_state(run_dir: str | Path) -> str:

@@ -38,14 +38,18 @@ def select_bottom(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def prune(mask: torch.Tensor, prune_score: torch.Tensor, n_drop: int, n_active: int | None = None) -> tuple[torch.Tensor, int]:
-    """``(kept, n_dropped)``: ``mask`` without its ``n_drop`` active entries of smallest ``|prune_score|``."""
+    """``(kept, n_dropped)``: ``mask`` without its ``n_drop`` active entries of smallest ``prune_score``.
+
+    The score is ranked as it is, signed: magnitude pruning passes ``weight.abs()``
+    (:mod:`sparseopt.topology.scores`), and a custom score of ``-|w|`` drops the largest weights.
+    """
     flat = mask.reshape(-1)
     if n_active is None:
         n_active = int(flat.sum())
     n_drop = max(0, min(int(n_drop), n_active))
     # Rank only the active entries (a few % of the layer at high sparsity): a much smaller topk.
     active = torch.nonzero(flat).reshape(-1)  # ascending, so index tie-breaks carry over
-    dropped = active[select_bottom(prune_score.reshape(-1)[active].abs(), n_drop)]
+    dropped = active[select_bottom(prune_score.reshape(-1)[active], n_drop)]
     kept = flat.clone()
     kept[dropped] = False
     return kept.reshape(mask.shape), n_drop
@@ -57,22 +61,24 @@ def prune_and_grow(
     grow_score: torch.Tensor,
     n_drop: int,
     n_active: int | None = None,
+    n_grow: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(kept, new)`` masks. ``new``: drop the ``n_drop`` active entries
-    with the smallest ``|prune_score|`` (the weight itself: magnitude pruning),
-    then grow ``n_drop`` entries with the largest ``grow_score`` among all
-    entries not kept (a just-dropped entry may be regrown). ``kept`` is the mask
-    after pruning, before growing. The number of active entries is unchanged
-    (``n_active`` may be passed to save a count).
+    with the smallest ``prune_score`` (``weight.abs()``: magnitude pruning),
+    then grow ``n_grow`` (default ``n_drop``) entries with the largest ``grow_score``
+    among all entries not kept (a just-dropped entry may be regrown). ``kept`` is
+    the mask after pruning, before growing. With ``n_grow = n_drop`` the number of
+    active entries is unchanged (``n_active`` may be passed to save a count).
     """
     kept, n_drop = prune(mask, prune_score, n_drop, n_active)
+    n_grow = n_drop if n_grow is None else max(0, int(n_grow))
     kept = kept.reshape(-1)
     # Growth ranks only the entries not kept, so the active count is exact whatever the scores hold;
     # non-finite scores (e.g. an fp16 gradient overflow) rank last.
     candidates = torch.nonzero(~kept).reshape(-1)  # ascending, so index tie-breaks carry over
     scores = grow_score.reshape(-1)[candidates].nan_to_num(nan=float("-inf"), posinf=float("-inf"))
     new = kept.clone()
-    new[candidates[select_top(scores, n_drop)]] = True
+    new[candidates[select_top(scores, n_grow)]] = True
     return kept.reshape(mask.shape), new.reshape(mask.shape)
 
 
@@ -151,8 +157,8 @@ def prune_and_grow_ablating(
         live[torch.sort(salient, descending=True, stable=True).indices[:needed]] = True
     new_k = min(rows.shape[1], max(1, round(total / int(live.sum()))))
     kept_rows = kept.reshape(rows.shape)
-    # Per row: kept weights first (largest |score| first), then free positions by largest grow score.
-    key = torch.where(kept_rows, prune_score.reshape(rows.shape).abs().to(torch.float32),
+    # Per row: kept weights first (largest score first), then free positions by largest grow score.
+    key = torch.where(kept_rows, prune_score.reshape(rows.shape).to(torch.float32),
                       _finite(grow_score.reshape(rows.shape)))
     new = (_row_ranks(key, first=kept_rows) < new_k) & live.reshape(-1, 1)
     return kept, new.reshape(mask.shape)

@@ -1,4 +1,13 @@
-"""Topology updaters: ``Static``, ``SET`` and ``RigL``.
+"""Topology updaters: ``Static``, ``SET`` and ``RigL``, and the bases to write others.
+
+:class:`TopologyUpdater` is what a training loop calls; :class:`DSTUpdater` is a
+prune-and-grow update split into steps a subclass overrides one at a time:
+:meth:`~DSTUpdater.plan` (how many connections each layer drops and grows: moving
+connections between layers, as Sparse Momentum and DSR do, or a density schedule,
+as GraNet, is a new plan), :meth:`~DSTUpdater.prune_scores` and
+:meth:`~DSTUpdater.grow_scores` (what is dropped and grown), :meth:`~DSTUpdater.select`
+(which entries, given the scores), :meth:`~DSTUpdater.apply` (weights, optimizer
+state and mask of one layer) and :meth:`~DSTUpdater.record` (what ``last_update`` says).
 
 An updater is a peer of the optimizer with its own ``step()`` and
 ``state_dict()``; call it once per iteration after ``loss.backward()`` and
@@ -21,6 +30,8 @@ Reference RigL conventions (google-research/rigl), each configurable:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +40,10 @@ from torch.optim import Optimizer
 from ..masks.maskset import MaskedLayer, MaskSet
 from ..masks.neurons import neuron_shape
 from ..masks.structure import check_structure
+from ..optim.presets import preset_of
 from ..registry import Registry
 from .optim_state import zero_state_
+from .protocols import ProvidesScales, SkipsSteps
 from .schedule import drop_fraction, is_update_step
 from .scores import PRUNE_SCORES
 from .selection import prune_and_grow, prune_and_grow_ablating, prune_and_grow_grouped
@@ -38,8 +51,12 @@ from .selection import prune_and_grow, prune_and_grow_ablating, prune_and_grow_g
 GROWTH_GRADIENTS = ("original", "corrected")
 
 
-class Static:
-    """Static sparse training: the masks never change. ``step()`` only counts iterations."""
+class TopologyUpdater(ABC):
+    """A peer of the optimizer: ``step()`` once per iteration, after ``loss.backward()``, before ``optimizer.step()``.
+
+    Keeps the iteration count and the update counters, and checkpoints them; ``dynamic``
+    says whether the topology can change at all.
+    """
 
     dynamic = False
 
@@ -53,10 +70,9 @@ class Static:
         self.skipped_updates = 0
         self.last_update: dict[str, Any] | None = None
 
+    @abstractmethod
     def step(self) -> bool:
         """Advance one iteration; returns whether the topology changed."""
-        self.t += 1
-        return False
 
     def config(self) -> dict[str, Any]:
         return {"method": type(self).__name__}
@@ -73,14 +89,31 @@ class Static:
         self.skipped_updates = int(state.get("skipped_updates", 0))
 
 
-class DSTUpdater(Static):
-    """Prune-and-grow on a schedule; subclasses define the growth scores.
+class Static(TopologyUpdater):
+    """Static sparse training: the masks never change. ``step()`` only counts iterations."""
+
+    def step(self) -> bool:
+        self.t += 1
+        return False
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How many connections one layer drops and grows at an update (equal: its density is kept)."""
+
+    n_drop: int
+    n_grow: int
+
+
+class DSTUpdater(TopologyUpdater):
+    """Prune-and-grow on a schedule; subclasses define the growth scores (and may override any step).
 
     Args:
         masks: the :class:`~sparseopt.MaskSet` to update (its single owner).
         optimizer: the optimizer whose state is reset for new connections and
-            whose next step is skipped on update steps (a :class:`~sparseopt.SparseOpt`
-            when ``skip_update=True``).
+            whose next step is skipped on update steps (one that
+            :class:`~sparseopt.topology.protocols.SkipsSteps`, such as
+            :class:`~sparseopt.SparseOpt`, when ``skip_update=True``).
         delta_t: iterations between topology updates (CIFAR default 100).
         alpha: initial drop fraction of the cosine schedule (default 0.3).
         t_end: last iteration with updates; default ``int(0.75 * total_steps)``.
@@ -90,8 +123,10 @@ class DSTUpdater(Static):
             (``|w|``, RigL/SET as published), ``"scaled"`` (``|w| / c_i`` with the
             optimizer's SparseOpt scales), ``"normalized"`` (``|w|`` over the
             neuron's RMS weight), a callable ``(weight, mask, scale) -> score``
-            (smallest dropped first), or ``"auto"`` (default): ``"scaled"`` when the
-            optimizer is a preconditioning SparseOpt, else ``"magnitude"``. With the
+            (the smallest, signed, dropped first), or ``"auto"`` (default): the
+            prune score of the optimizer's preset (:func:`sparseopt.optim.presets.preset_of`:
+            ``"scaled"`` for the recommended SparseOpt, ``"magnitude"`` for the
+            paper's and for any optimizer that does not precondition). With the
             paper's magnitude pruning SparseOpt starves low-fan-in neurons until they
             die (docs/results.md). Subclasses may override :meth:`prune_scores` instead.
         neuron_ablation: SRigL's ``gamma_sal`` (constant fan-in masks only; default
@@ -148,17 +183,17 @@ class DSTUpdater(Static):
                 "pass the optimizer (to reset the state of new connections and skip the update step), "
                 "or set reset_optimizer_state=False and skip_update=False"
             )
-        if skip_update and not hasattr(optimizer, "skip_next_step"):
+        if skip_update and not isinstance(optimizer, SkipsSteps):
             raise ValueError(
                 f"skip_update=True needs an optimizer with skip_next_step(), such as sparseopt.SparseOpt "
                 f"(use SparseOpt(base, masks, precondition=False) for the plain baseline); got {type(optimizer).__name__}. "
                 "Or set skip_update=False"
             )
-        if prune_score == "auto":  # preconditioner-aware when the optimizer preconditions (docs/results.md)
-            prune_score = "scaled" if getattr(optimizer, "precondition", False) else "magnitude"
+        if prune_score == "auto":  # what the optimizer's preset prunes by (docs/results.md)
+            prune_score = preset_of(optimizer).prune_score
         if not callable(prune_score) and prune_score not in PRUNE_SCORES:
             raise ValueError(f"unknown prune_score {prune_score!r}; choose one of {list(PRUNE_SCORES)} or pass a callable")
-        if prune_score == "scaled" and not hasattr(optimizer, "layer_scales"):
+        if prune_score == "scaled" and not isinstance(optimizer, ProvidesScales):
             raise ValueError("prune_score='scaled' needs a sparseopt.SparseOpt optimizer (it supplies the scales)")
         self.prune_score = prune_score
         self._score_fn = prune_score if callable(prune_score) else PRUNE_SCORES[prune_score]
@@ -188,13 +223,53 @@ class DSTUpdater(Static):
         self.t += 1
         return updated
 
+    # -- the steps of an update, each overridable ------------------------------------------------
+    def plan(self, fraction: float, counts: list[int]) -> list[LayerPlan]:
+        """How many connections each layer drops and grows: ``int(fraction * active)`` of each, both."""
+        return [LayerPlan(int(fraction * c), int(fraction * c)) for c in counts]
+
+    @abstractmethod
     def grow_scores(self, index: int, layer: MaskedLayer) -> torch.Tensor:
-        raise NotImplementedError
+        """Score of every entry of the layer's weight; the largest inactive ones are grown."""
 
     def prune_scores(self, index: int, layer: MaskedLayer, scales: list[torch.Tensor] | None) -> torch.Tensor:
         """Score of every entry of the layer's weight; the smallest active ones are dropped."""
         return self._score_fn(layer.weight, layer.mask, None if scales is None else scales[index])
 
+    def select(self, index: int, layer: MaskedLayer, plan: LayerPlan, prune_score: torch.Tensor,
+               grow_score: torch.Tensor | None, n_active: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kept, new)`` masks of one layer: after pruning, and after growing, keeping the mask's structure."""
+        structure = self.masks.structure
+        if plan.n_grow != plan.n_drop and (structure.grouped or self.neuron_ablation is not None):
+            raise ValueError(f"layer {layer.name!r}: a {structure} mask keeps every neuron's count, so it must grow "
+                             f"what it drops (plan: drop {plan.n_drop}, grow {plan.n_grow})")
+        if grow_score is None:  # nothing to grow
+            grow_score = torch.zeros_like(layer.mask, dtype=torch.float32)
+        if self.neuron_ablation is not None:
+            return prune_and_grow_ablating(layer.mask, prune_score, grow_score, plan.n_drop, self.neuron_ablation, n_active)
+        if structure.grouped:  # prune anywhere in the layer, regrow within each neuron (N:M group)
+            return prune_and_grow_grouped(layer.mask, prune_score, grow_score, plan.n_drop, structure.groups, n_active)
+        return prune_and_grow(layer.mask, prune_score, grow_score, plan.n_drop, n_active, plan.n_grow)
+
+    def apply(self, index: int, layer: MaskedLayer, kept: torch.Tensor, new: torch.Tensor) -> None:
+        """Make ``new`` the layer's mask: restarted positions get weight 0 and zeroed optimizer state.
+
+        Positions restarting from 0 are the pruned ones and the new ones. With ``keep_regrown`` a
+        connection dropped and regrown in the same update never left, so only connections outside
+        the old mask are new; otherwise everything not kept is.
+        """
+        old = layer.mask
+        restart = ~(new & old) if self.keep_regrown else ~kept
+        layer.weight.masked_fill_(restart, 0.0)
+        if self.reset_optimizer_state:
+            zero_state_(self.optimizer, layer.weight, restart)
+        old.copy_(new)
+
+    def record(self, fraction: float, pruned: int, grown_pruned_share: float | None) -> dict[str, Any]:
+        """What :attr:`last_update` says about the update that just happened."""
+        return {"t": self.t, "drop_fraction": fraction, "pruned_and_regrown": pruned, "grown_pruned": grown_pruned_share}
+
+    # -- one update --------------------------------------------------------------------------------
     def _active_counts(self) -> list[int]:
         """Active weights per layer, recounted only when the masks changed outside an update."""
         if self._counts_version != self.masks.version:
@@ -204,15 +279,17 @@ class DSTUpdater(Static):
 
     @torch.no_grad()
     def update(self, fraction: float) -> bool:
-        """Prune ``int(fraction * n_active)`` connections per layer and grow as many.
+        """Update every layer by :meth:`plan`: prune by :meth:`prune_scores`, grow by :meth:`grow_scores`.
 
         Returns False, changing nothing, when a growth score is not finite (an fp16
         overflow step, say): such an update is skipped and counted in
         :attr:`skipped_updates`.
         """
         counts = self._active_counts()
-        n_drops = [int(fraction * c) for c in counts]
-        growth = [self.grow_scores(i, layer) if n else None for i, (layer, n) in enumerate(zip(self.masks, n_drops))]
+        plans = self.plan(fraction, counts)
+        if len(plans) != len(counts):
+            raise ValueError(f"plan() returned {len(plans)} layer plans for {len(counts)} masked layers")
+        growth = [self.grow_scores(i, layer) if p.n_grow else None for i, (layer, p) in enumerate(zip(self.masks, plans))]
         finite = [s.isfinite().all() for s in growth if s is not None]
         if finite and not bool(torch.stack(finite).all()):  # one synchronisation for all layers
             self.skipped_updates += 1
@@ -220,54 +297,40 @@ class DSTUpdater(Static):
             return False
         scales = self.optimizer.layer_scales() if self.prune_score == "scaled" else None
         previous = self.masks.grown_on_device()
-        structure = self.masks.structure
         total_drop, grown_before, grown_pruned, active = 0, 0, 0, 0
         grown = []
-        for index, layer in enumerate(self.masks):
+        for index, (layer, plan) in enumerate(zip(self.masks, plans)):
             old = layer.mask
-            n_drop = n_drops[index]
             if previous is not None:  # small reductions on the device, synchronised once below
                 grown_before += previous[index].sum()
-            if n_drop == 0:
+            if plan.n_drop == 0 and plan.n_grow == 0:
                 grown.append(torch.zeros_like(old))
                 continue
-            if self.neuron_ablation is not None:
-                kept, new = prune_and_grow_ablating(old, self.prune_scores(index, layer, scales), growth[index], n_drop,
-                                                    self.neuron_ablation, counts[index])
-            elif structure.grouped:  # prune anywhere in the layer, regrow within each neuron (N:M group)
-                kept, new = prune_and_grow_grouped(old, self.prune_scores(index, layer, scales), growth[index], n_drop,
-                                                   structure.groups, counts[index])
-            else:
-                kept, new = prune_and_grow(old, self.prune_scores(index, layer, scales), growth[index], n_drop, counts[index])
+            kept, new = self.select(index, layer, plan, self.prune_scores(index, layer, scales), growth[index], counts[index])
             active += new.sum()
             if previous is not None:  # net: a connection dropped and regrown at once never left
                 grown_pruned += (previous[index] & ~new).sum()
             grown.append(new & ~old)
-            # Positions restarting from 0 (weight and optimizer state): pruned ones, and new ones.
-            # keep_regrown: a connection dropped and regrown in the same update never left, so
-            # only connections outside the old mask are new; otherwise everything not kept is.
-            restart = ~(new & old) if self.keep_regrown else ~kept
-            layer.weight.masked_fill_(restart, 0.0)
-            if self.reset_optimizer_state:
-                zero_state_(self.optimizer, layer.weight, restart)
-            old.copy_(new)
-            total_drop += n_drop
-        expected = sum(c for c, n in zip(counts, n_drops) if n)
-        # prune-and-grow keeps every layer's count (ablation: up to rounding k' = active / live); anything else is a bug
-        slack = sum(m.shape[0] for m, n in zip(self.masks.masks, n_drops) if n) if self.neuron_ablation else 0
+            self.apply(index, layer, kept, new)
+            total_drop += plan.n_drop
+        changed = [(c, p) for c, p in zip(counts, plans) if p.n_drop or p.n_grow]
+        expected = sum(c - p.n_drop + p.n_grow for c, p in changed)
+        # every layer ends with its planned count (ablation: up to rounding k' = active / live); anything else is a bug
+        slack = sum(m.shape[0] for m, p in zip(self.masks.masks, plans) if p.n_drop) if self.neuron_ablation else 0
         if abs(int(active) - expected) > slack:
             raise RuntimeError(f"topology update changed the number of active weights: {int(active)} != {expected}")
-        check_structure(structure, self.masks.names, self.masks.masks, f"after the topology update at t={self.t}")
+        check_structure(self.masks.structure, self.masks.names, self.masks.masks, f"after the topology update at t={self.t}")
         self.masks.mark_changed(grown=grown)
-        # prune-and-grow keeps every layer's count; ablation may round it, so the counts are taken afresh next time
-        self._counts_version = self.masks.version if self.neuron_ablation is None else None
+        # an update that keeps each layer's count keeps the cache valid; other plans and ablation recount next time
+        keeps_counts = self.neuron_ablation is None and all(p.n_drop == p.n_grow for p in plans)
+        self._counts_version = self.masks.version if keeps_counts else None
         self.num_updates += 1
         if self.skip_update:
             self.optimizer.skip_next_step()
         share = None
         if previous is not None and int(grown_before) > 0:
             share = int(grown_pruned) / int(grown_before)
-        self.last_update = {"t": self.t, "drop_fraction": fraction, "pruned_and_regrown": total_drop, "grown_pruned": share}
+        self.last_update = self.record(fraction, total_drop, share)
         return True
 
     def config(self) -> dict[str, Any]:
@@ -325,7 +388,7 @@ class RigL(DSTUpdater):
         super().__init__(masks, optimizer, **kwargs)
         if growth_gradient not in GROWTH_GRADIENTS:
             raise ValueError(f"unknown growth_gradient {growth_gradient!r}; choose one of {list(GROWTH_GRADIENTS)}")
-        if growth_gradient == "corrected" and not hasattr(optimizer, "layer_scales"):
+        if growth_gradient == "corrected" and not isinstance(optimizer, ProvidesScales):
             raise ValueError("growth_gradient='corrected' needs a sparseopt.SparseOpt optimizer (it supplies the scales)")
         self.growth_gradient = growth_gradient
         self._scales: list[torch.Tensor] | None = None

@@ -10,7 +10,6 @@ plain magnitude pruning for the baseline, whose ``c_i`` are 1). Dense runs have 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,11 @@ from torch import nn
 
 from ..data import DATASETS, FOLDER_DATASETS
 from ..masks.maskset import MaskSet, sparsify
-from ..models import build_model
+from ..models import MODELS, build_model, config_options
 from ..optim import HAM, SparseOpt
+from ..optim.clip import ClipGradNorm
+from ..optim.presets import OPTIMIZER_PRESETS
+from ..registry import keyword_names
 from ..topology import DST_METHODS, Static
 from .config import TrainConfig
 
@@ -46,19 +48,24 @@ class ModelSpec:
 
 
 def model_spec(cfg: TrainConfig, num_classes: int | None = None) -> ModelSpec:
-    """The config's model with ``num_classes`` outputs (default: the dataset's own count)."""
+    """The config's model with ``num_classes`` outputs (default: the dataset's own count).
+
+    The constructor gets the config keys it declares (``config_options``: ``--shortcut`` for the CIFAR
+    ResNets, ``--mlp-hidden`` / ``--mlp-norm`` for the MLP) and ``model_kwargs``.
+    """
     info = DATASETS[cfg.dataset]
     num_classes = num_classes if num_classes is not None else info.num_classes
     in_shape = info.in_shape
     if cfg.dataset in FOLDER_DATASETS:
         size = cfg.image_size or in_shape[1]
         in_shape = (in_shape[0], size, size)
-    kwargs = {}
-    if cfg.model == "mlp":
-        kwargs = {"hidden": list(cfg.mlp_hidden), "norm": cfg.mlp_norm}
-    elif cfg.model != "resnet50":
-        kwargs = {"shortcut": cfg.shortcut}
-    return ModelSpec(cfg.model, num_classes, tuple(in_shape), kwargs)
+    options = config_options(MODELS[cfg.model])
+    kwargs = {param: getattr(cfg, key) for param, key in options.items()}
+    kwargs = {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    for key in cfg.model_kwargs:
+        if key in kwargs:
+            raise ValueError(f"model_kwargs {key!r} of model {cfg.model!r} is set by --{options[key].replace('_', '-')}")
+    return ModelSpec(cfg.model, num_classes, tuple(in_shape), {**kwargs, **cfg.model_kwargs})
 
 
 def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
@@ -66,23 +73,10 @@ def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
     return model_spec(cfg, num_classes).build()
 
 
-# SparseOpt as the paper describes it, and as this library recommends: the paper's magnitude pruning lets the
-# preconditioner starve low-fan-in neurons until they die; pruning by |w| / c_i does not; c_i read from
-# BatchNorm's running variance led or tied the baseline in every comparison, the fan-in c_i did not (docs/results.md).
-PAPER_SPARSEOPT = {"precondition_layers": "all", "prune_score": "magnitude", "scale_source": "fan_in"}
-RECOMMENDED_SPARSEOPT = {"precondition_layers": "normalized", "prune_score": "scaled", "scale_source": "bn_stats"}
-
-
 def resolve_method(cfg: TrainConfig) -> dict[str, object]:
-    """The optimizer-dependent settings of a run with every ``auto`` resolved."""
-    preset = PAPER_SPARSEOPT if cfg.optimizer == "sparseopt_paper" else RECOMMENDED_SPARSEOPT
-    # For the baseline c_i = 1, so |w| / c_i is |w|: "auto" gives it plain magnitude pruning either way.
-    prune = cfg.prune_score if cfg.prune_score != "auto" else ("magnitude" if cfg.optimizer == "sgd" else preset["prune_score"])
-    layers = cfg.precondition_layers if cfg.precondition_layers != "auto" else preset["precondition_layers"]
-    # The baseline applies no scale; "fan_in" keeps its runs grouped with those recorded before "auto" existed.
-    source = cfg.scale_source if cfg.scale_source != "auto" else ("fan_in" if cfg.optimizer == "sgd" else preset["scale_source"])
-    return {"precondition": cfg.optimizer != "sgd", "precondition_layers": layers, "prune_score": prune,
-            "scale_source": source}
+    """The optimizer-dependent settings of a run with every ``auto`` resolved by its preset."""
+    preset = OPTIMIZER_PRESETS[cfg.optimizer].resolved()
+    return {k: preset[k] if getattr(cfg, k, "auto") == "auto" else getattr(cfg, k) for k in preset}
 
 
 def effective_delta_t(cfg: TrainConfig) -> int:
@@ -105,6 +99,8 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
     if cfg.ham:
         optimizer = HAM(optimizer, alpha=cfg.ham_alpha, beta=cfg.ham_beta)
     if cfg.dst == "dense":
+        if cfg.renorm is not None:
+            optimizer = ClipGradNorm(optimizer, cfg.renorm)
         return RunObjects(model, None, optimizer, None)
 
     masks = sparsify(
@@ -119,19 +115,29 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
         scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
     )
     updater = DST_METHODS[cfg.dst]
-    if not updater.dynamic:
-        topology: Static = updater(masks, optimizer)
-    else:
-        kwargs = dict(
-            delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
-            total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
-            skip_update=cfg.skip_update, prune_score=method["prune_score"],
-        )
-        accepted = inspect.signature(updater).parameters
-        if cfg.neuron_ablation is not None:
-            kwargs["neuron_ablation"] = cfg.neuron_ablation
-        for key, value in (("seed", cfg.seed), ("growth_gradient", cfg.growth_grad)):
-            if key in accepted:
-                kwargs[key] = value
-        topology = updater(masks, optimizer, **kwargs)
-    return RunObjects(model, masks, optimizer, topology)
+    kwargs = {**topology_options(cfg, updater, total_steps), **cfg.dst_kwargs}
+    return RunObjects(model, masks, optimizer, updater(masks, optimizer, **kwargs))
+
+
+def topology_options(cfg: TrainConfig, updater: type, total_steps: int) -> dict[str, object]:
+    """The config keys an updater class takes, by its signature (a static updater takes none of them)."""
+    options = dict(
+        delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
+        total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
+        skip_update=cfg.skip_update, prune_score=resolve_method(cfg)["prune_score"], seed=cfg.seed,
+        growth_gradient=cfg.growth_grad, neuron_ablation=cfg.neuron_ablation,
+    )
+    return {k: v for k, v in options.items() if accepts_option(updater, k)}
+
+
+def accepts_option(updater: type, name: str) -> bool:
+    names = keyword_names(updater)
+    return names is None or name in names
+
+
+# The updater options the config sets itself, and the flag that sets each: not allowed in dst_kwargs.
+TOPOLOGY_FLAGS = {"delta_t": "--delta-t", "alpha": "--alpha", "t_end": "--t-end-fraction", "total_steps": "--epochs",
+                  "keep_regrown": "--keep-regrown", "reset_optimizer_state": "--reset-optimizer-state",
+                  "skip_update": "--skip-update", "prune_score": "--prune-score", "seed": "--seed",
+                  "growth_gradient": "--growth-grad", "neuron_ablation": "--neuron-ablation",
+                  "masks": "built by sparseopt", "optimizer": "built by sparseopt"}

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,160 +19,215 @@ from typing import Any
 import yaml
 
 from ..masks.distributions import DISTRIBUTIONS
+from ..masks.maskset import INITS
 from ..masks.structure import STRUCTURES
-from ..optim.sparseopt import SCALE_SOURCES
+from ..models.resnet_cifar import SHORTCUTS
+from ..optim.presets import OPTIMIZER_PRESETS
+from ..optim.scales import SCALE_SOURCES
+from ..optim.sparseopt import LAYER_CHOICES
 from ..topology.scores import PRUNE_SCORES
+from ..topology.updaters import GROWTH_GRADIENTS
 
-OPTIMIZERS = ("sgd", "sparseopt", "sparseopt_paper")
+ROLES = ("method", "run", "runtime")
+# torch.compile's modes (torch.compile(mode=...)).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# SparseOpt's options: they do nothing for an optimizer preset that does not precondition.
+PRECONDITIONER_KEYS = ("precondition_layers", "scale_source", "scale_ema", "undamped_growth")
+
+
+def option(default: Any = dataclasses.MISSING, help: str | Callable[[], str] = "", *, factory: Callable[[], Any] | None = None,
+           role: str = "method", choices: Callable[[], list[str]] | None = None):
+    """A config field with its help, its role and (for names) where its allowed values come from.
+
+    ``role``: ``method`` keys define what a run computes (a report groups runs by them; a resume must
+    keep them), ``run`` keys tell runs of one method apart (the seed: kept on resume, not a group key),
+    ``runtime`` keys change only how or where it runs (free to change on resume, not a group key).
+    ``choices``: a function, so that names registered later (plugins) are allowed too.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {list(ROLES)}, got {role!r}")
+    metadata = {"help": help, "role": role, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# Where each named choice is defined (imported when asked: the registries may have grown by plugins since).
+def _datasets() -> list[str]:
+    from ..data import DATASETS
+
+    return list(DATASETS)
+
+
+def _models() -> list[str]:
+    from ..models import MODELS
+
+    return MODELS.names()
+
+
+def _dst_methods() -> list[str]:
+    from ..topology import DST_METHODS
+
+    return ["dense", *DST_METHODS]
+
+
+def _optimizers() -> list[str]:
+    return OPTIMIZER_PRESETS.names()
+
+
+def _optimizer_help() -> str:
+    return "; ".join(f"{p.name}: {p.help}" for _, p in OPTIMIZER_PRESETS.items())
+
+
+def _distributions() -> list[str]:
+    return [d for d in DISTRIBUTIONS if d != "custom"]
+
+
+def _inits() -> list[str]:
+    return list(INITS)
+
+
+def _growth_gradients() -> list[str]:
+    return list(GROWTH_GRADIENTS)
+
+
+def _structures() -> list[str]:
+    return list(STRUCTURES)
+
+
+def _precondition_layers() -> list[str]:
+    return ["auto", *LAYER_CHOICES]
+
+
+def _prune_scores() -> list[str]:
+    return ["auto", *PRUNE_SCORES]
+
+
+def _scale_sources() -> list[str]:
+    return ["auto", *SCALE_SOURCES]
+
+
+def _shortcuts() -> list[str]:
+    return list(SHORTCUTS)
+
+
+def _mlp_norms() -> list[str]:
+    from ..models.mlp import NORMS
+
+    return list(NORMS)
+
+
+def _compile_modes() -> list[str]:
+    return list(COMPILE_MODES)
 
 
 @dataclass
 class TrainConfig:
     # -- data ------------------------------------------------------------------
-    dataset: str = "bundled_mnist"
-    """dataset (bundled_mnist: the real-MNIST subset shipped with the package)"""
-    data_dir: str | None = None
-    """folder holding the dataset (CIFAR archive or folder, MNIST IDX files, ImageNet train/ and val/)"""
-    download: bool = False
-    """download the dataset into data_dir first (CIFAR, MNIST; checked against the official MD5)"""
-    train_subset: int | None = None
-    """use a fixed random subset of N training examples (quick runs)"""
-    test_subset: int | None = None
-    """evaluate on a fixed random subset of N test examples"""
-    workers: int | None = None
-    """decoding workers per rank for folder datasets (default: the CPUs shared by the local ranks, at most 8; CIFAR/MNIST live on the device)"""
-    num_classes: int | None = None
-    """model outputs (default: the dataset's classes; folder datasets: the class folders of train/); at least that many"""
-    image_size: int | None = None
-    """crop size of folder datasets (default 224)"""
-    resize_size: int | None = None
-    """evaluation resize of folder datasets before the centre crop (default image_size * 256 / 224)"""
+    dataset: str = option(
+        "bundled_mnist", "dataset (bundled_mnist: the real-MNIST subset shipped with the package)", choices=_datasets)
+    data_dir: str | None = option(
+        None, "folder holding the dataset (CIFAR archive or folder, MNIST IDX files, ImageNet train/ and val/)", role="runtime")
+    download: bool = option(
+        False, "download the dataset into data_dir first (CIFAR, MNIST; checked against the official MD5)", role="runtime")
+    train_subset: int | None = option(None, "use a fixed random subset of N training examples (quick runs)")
+    test_subset: int | None = option(None, "evaluate on a fixed random subset of N test examples")
+    workers: int | None = option(
+        None, "decoding workers per rank for folder datasets (default: the CPUs shared by the local ranks, at most 8; CIFAR/MNIST live on the device)", role="runtime")
+    num_classes: int | None = option(
+        None, "model outputs (default: the dataset's classes; folder datasets: the class folders of train/); at least that many")
+    image_size: int | None = option(None, "crop size of folder datasets (default 224)")
+    resize_size: int | None = option(
+        None, "evaluation resize of folder datasets before the centre crop (default image_size * 256 / 224)")
     # -- model -------------------------------------------------------------------
-    model: str = "mlp"
-    """model (CIFAR ResNets 20/32/56, ImageNet ResNet-50 v1.5, or the MLP)"""
-    shortcut: str = "B"
-    """CIFAR ResNet shortcut: B = 1x1 conv + BN projection, A = parameter-free"""
-    mlp_hidden: list[int] = field(default_factory=lambda: [64])
-    """hidden widths of the MLP"""
-    mlp_norm: str = "batchnorm"
-    """normalization after each hidden layer of the MLP"""
+    model: str = option("mlp", "model (CIFAR ResNets 20/32/56, ImageNet ResNet-50 v1.5, or the MLP)", choices=_models)
+    shortcut: str = option(
+        "B", "CIFAR ResNet shortcut: B = 1x1 conv + BN projection, A = parameter-free", choices=_shortcuts)
+    mlp_hidden: list[int] = option(help="hidden widths of the MLP", factory=lambda: [64])
+    mlp_norm: str = option("batchnorm", "normalization after each hidden layer of the MLP", choices=_mlp_norms)
+    model_kwargs: dict[str, Any] = option(
+        help="further keyword arguments of the model's constructor (YAML mapping; flag: key=value ...), checked against its signature",
+        factory=dict)
     # -- sparsity and DST ----------------------------------------------------------
-    dst: str = "rigl"
-    """dynamic sparse training method (dense: no masks; static: masks never change)"""
-    sparsity: float = 0.9
-    """global sparsity S in [0, 1) over all masked weights"""
-    distribution: str = "erk"
-    """layer densities (erk as RigL)"""
-    power_scale: float = 1.0
-    """ERK exponent (1 as RigL)"""
-    structure: str = "unstructured"
-    """where active weights may be: unstructured, constant_fan_in (every neuron of a layer the same fan-in, SRigL), nm (N of every M inputs)"""
-    nm: str | None = None
-    """N:M pattern of structure nm (e.g. 2:4; the sparsity must then be 1 - N/M)"""
-    neuron_ablation: float | None = None
-    """SRigL's gamma_sal for structure constant_fan_in: neurons with fewer than gamma * k salient inputs are ablated (0.3 in SRigL)"""
-    dense_first: bool = False
-    """keep the first conv/linear layer dense"""
-    dense_last: bool = False
-    """keep the last linear layer dense"""
-    init: str = "dense"
-    """dense (init then mask) or sparse (Evci et al. 2022 per-neuron fan-in)"""
-    delta_t: int = 100
-    """steps between topology updates"""
-    delta_t_batch: int | None = None
-    """batch size at which delta_t is given; delta_t is rescaled by delta_t_batch / batch_size (ImageNet recipe)"""
-    alpha: float = 0.3
-    """initial drop fraction of the cosine schedule"""
-    t_end_fraction: float = 0.75
-    """topology updates stop after this fraction of the training steps"""
-    growth_grad: str = "original"
-    """RigL growth from the original (raw) or the SparseOpt-corrected gradient"""
-    keep_regrown: bool = True
-    """a connection dropped and regrown in the same update keeps its value and optimizer state"""
-    reset_optimizer_state: bool = True
-    """new connections start with zeroed optimizer moments"""
-    skip_update: bool = True
-    """skip the weight update of the step that changes the topology (reference RigL)"""
-    prune_score: str = "auto"
-    """which active connections are dropped: magnitude (|w|), scaled (|w| / c_i), normalized (|w| / neuron RMS); auto: scaled for sparseopt (identical to magnitude for sgd), magnitude for sparseopt_paper"""
+    dst: str = option(
+        "rigl", "dynamic sparse training method (dense: no masks; static: masks never change)", choices=_dst_methods)
+    dst_kwargs: dict[str, Any] = option(
+        help="further keyword arguments of the DST method's class (YAML mapping; flag: key=value ...), checked against its signature",
+        factory=dict)
+    sparsity: float = option(0.9, "global sparsity S in [0, 1) over all masked weights")
+    distribution: str = option("erk", "layer densities (erk as RigL)", choices=_distributions)
+    power_scale: float = option(1.0, "ERK exponent (1 as RigL)")
+    structure: str = option(
+        "unstructured", "where active weights may be: unstructured, constant_fan_in (every neuron of a layer the same fan-in, SRigL), nm (N of every M inputs)", choices=_structures)
+    nm: str | None = option(None, "N:M pattern of structure nm (e.g. 2:4; the sparsity must then be 1 - N/M)")
+    neuron_ablation: float | None = option(
+        None, "SRigL's gamma_sal for structure constant_fan_in: neurons with fewer than gamma * k salient inputs are ablated (0.3 in SRigL)")
+    dense_first: bool = option(False, "keep the first conv/linear layer dense")
+    dense_last: bool = option(False, "keep the last linear layer dense")
+    init: str = option("dense", "dense (init then mask) or sparse (Evci et al. 2022 per-neuron fan-in)", choices=_inits)
+    delta_t: int = option(100, "steps between topology updates")
+    delta_t_batch: int | None = option(
+        None, "batch size at which delta_t is given; delta_t is rescaled by delta_t_batch / batch_size (ImageNet recipe)")
+    alpha: float = option(0.3, "initial drop fraction of the cosine schedule")
+    t_end_fraction: float = option(0.75, "topology updates stop after this fraction of the training steps")
+    growth_grad: str = option(
+        "original", "RigL growth from the original (raw) or the SparseOpt-corrected gradient", choices=_growth_gradients)
+    keep_regrown: bool = option(
+        True, "a connection dropped and regrown in the same update keeps its value and optimizer state")
+    reset_optimizer_state: bool = option(True, "new connections start with zeroed optimizer moments")
+    skip_update: bool = option(True, "skip the weight update of the step that changes the topology (reference RigL)")
+    prune_score: str = option(
+        "auto", "which active connections are dropped: magnitude (|w|), scaled (|w| / c_i), normalized (|w| / neuron RMS); auto: scaled for sparseopt (identical to magnitude for sgd), magnitude for sparseopt_paper", choices=_prune_scores)
     # -- optimizer -------------------------------------------------------------------
-    optimizer: str = "sparseopt"
-    """sgd: masked DST baseline; sparseopt: preconditioned by BatchNorm statistics, with preconditioner-aware pruning (recommended); sparseopt_paper: as the paper describes it"""
-    precondition_layers: str = "auto"
-    """which masked layers SparseOpt scales: normalized (those feeding a BN/LN/GN), all; auto: normalized for sparseopt, all for sparseopt_paper"""
-    scale_weight_decay: bool = False
-    """scale weight decay with the gradient (an L2 term in the loss) instead of adding it after the scaling"""
-    scale_source: str = "auto"
-    """SparseOpt's c_i from the following BatchNorm's running variance (bn_stats) or the fan-in (fan_in, the paper); auto: bn_stats for sparseopt, fan_in for sparseopt_paper"""
-    scale_ema: float = 0.0
-    """exponential moving average of c_i over steps (0: c_i jumps at each mask update, as the paper)"""
-    undamped_growth: bool = False
-    """connections grown at the last update get max(c_i, 1) instead of c_i"""
-    renorm: float | None = None
-    """clip the global gradient norm to this value after the correction (appendix F)"""
-    ham: bool = False
-    """wrap the optimizer in Hyperbolic Aware Minimization"""
-    ham_alpha: float = 200.0
-    """HAM alpha"""
-    ham_beta: float = 1e-3
-    """HAM beta (1e-3 ImageNet; 16e-3 CIFAR-100, reported, unverified)"""
-    lr: float = 0.1
-    """peak learning rate (base lr when lr_batch_scaling)"""
-    lr_batch_scaling: bool = False
-    """peak lr = lr * batch_size / 256 (ImageNet recipe)"""
-    lr_min: float = 0.0
-    """final learning rate of the cosine schedule"""
-    warmup_epochs: float = 5.0
-    """linear warmup length in epochs (fractions allowed)"""
-    momentum: float = 0.9
-    """SGD momentum"""
-    nesterov: bool = False
-    """Nesterov momentum"""
-    weight_decay: float = 5e-4
-    """weight decay of conv/linear weights (not biases and norm parameters)"""
-    label_smoothing: float = 0.0
-    """label smoothing of the cross-entropy loss"""
-    epochs: int = 100
-    """training epochs"""
-    batch_size: int = 128
-    """global batch size (split over ranks in distributed runs)"""
-    eval_batch_size: int = 1000
-    """batch size of evaluation"""
+    optimizer: str = option("sparseopt", _optimizer_help, choices=_optimizers)
+    precondition_layers: str = option(
+        "auto", "which masked layers SparseOpt scales: normalized (those feeding a BN/LN/GN), all; auto: normalized for sparseopt, all for sparseopt_paper", choices=_precondition_layers)
+    scale_weight_decay: bool = option(
+        False, "scale weight decay with the gradient (an L2 term in the loss) instead of adding it after the scaling")
+    scale_source: str = option(
+        "auto", "SparseOpt's c_i from the following BatchNorm's running variance (bn_stats) or the fan-in (fan_in, the paper); auto: bn_stats for sparseopt, fan_in for sparseopt_paper", choices=_scale_sources)
+    scale_ema: float = option(
+        0.0, "exponential moving average of c_i over steps (0: c_i jumps at each mask update, as the paper)")
+    undamped_growth: bool = option(False, "connections grown at the last update get max(c_i, 1) instead of c_i")
+    renorm: float | None = option(None, "clip the global gradient norm to this value after the correction (appendix F)")
+    ham: bool = option(False, "wrap the optimizer in Hyperbolic Aware Minimization")
+    ham_alpha: float = option(200.0, "HAM alpha")
+    ham_beta: float = option(1e-3, "HAM beta (1e-3 ImageNet; 16e-3 CIFAR-100, reported, unverified)")
+    lr: float = option(0.1, "peak learning rate (base lr when lr_batch_scaling)")
+    lr_batch_scaling: bool = option(False, "peak lr = lr * batch_size / 256 (ImageNet recipe)")
+    lr_min: float = option(0.0, "final learning rate of the cosine schedule")
+    warmup_epochs: float = option(5.0, "linear warmup length in epochs (fractions allowed)")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum")
+    weight_decay: float = option(5e-4, "weight decay of conv/linear weights (not biases and norm parameters)")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    epochs: int = option(100, "training epochs")
+    batch_size: int = option(128, "global batch size (split over ranks in distributed runs)")
+    eval_batch_size: int = option(1000, "batch size of evaluation", role="runtime")
     # -- runtime ---------------------------------------------------------------------
-    seed: int = 0
-    """seed of masks, initialisation, data order and augmentation"""
-    device: str = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:<index>"""
-    bf16: bool = False
-    """bfloat16 autocast (GPU speed option; ignored on CPU)"""
-    channels_last: bool = False
-    """channels-last memory format (GPU speed option; ignored on CPU)"""
-    compile: bool = False
-    """torch.compile the model (GPU speed option; ignored on CPU)"""
-    compile_mode: str = "default"
-    """torch.compile mode: reduce-overhead captures the step in CUDA graphs (small, launch-bound models)"""
-    cudnn_benchmark: bool = True
-    """let cuDNN pick the fastest convolution algorithms"""
-    sync_bn: bool = False
-    """SyncBatchNorm across ranks in distributed runs (CUDA only)"""
-    check_masks: bool = False
-    """check after every topology update that the masks and the weights agree bitwise across ranks"""
-    monitor: bool = True
-    """log neuron statistics per epoch and the loss around every topology update in metrics.jsonl"""
-    out: str | None = None
-    """run folder (default runs/<run name>)"""
-    resume: bool = False
-    """continue the run in --out from its checkpoint"""
-    overwrite: bool = False
-    """replace the run in --out (only a sparseopt run folder is ever cleared)"""
-    quiet: bool = False
-    """no progress bar (the one-line epoch summaries stay)"""
-    tensorboard: bool = False
-    """also log to TensorBoard (needs the tensorboard package)"""
-    wandb: bool = False
-    """also log to Weights & Biases (needs the wandb package)"""
-    compare_optimizers: bool = False
-    """train twice (optimizer=sgd and sparseopt, same seed) and write a comparison"""
+    seed: int = option(0, "seed of masks, initialisation, data order and augmentation", role="run")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda or cuda:<index>", role="runtime")
+    bf16: bool = option(False, "bfloat16 autocast (GPU speed option; ignored on CPU)", role="runtime")
+    channels_last: bool = option(
+        False, "channels-last memory format (GPU speed option; ignored on CPU)", role="runtime")
+    compile: bool = option(False, "torch.compile the model (GPU speed option; ignored on CPU)", role="runtime")
+    compile_mode: str = option(
+        "default", "torch.compile mode: reduce-overhead captures the step in CUDA graphs (small, launch-bound models)", role="runtime", choices=_compile_modes)
+    cudnn_benchmark: bool = option(True, "let cuDNN pick the fastest convolution algorithms", role="runtime")
+    sync_bn: bool = option(False, "SyncBatchNorm across ranks in distributed runs (CUDA only)", role="runtime")
+    check_masks: bool = option(
+        False, "check after every topology update that the masks and the weights agree bitwise across ranks", role="runtime")
+    monitor: bool = option(
+        True, "log neuron statistics per epoch and the loss around every topology update in metrics.jsonl", role="runtime")
+    out: str | None = option(None, "run folder (default runs/<run name>)", role="runtime")
+    resume: bool = option(False, "continue the run in --out from its checkpoint", role="runtime")
+    overwrite: bool = option(
+        False, "replace the run in --out (only a sparseopt run folder is ever cleared)", role="runtime")
+    quiet: bool = option(False, "no progress bar (the one-line epoch summaries stay)", role="runtime")
+    tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)", role="runtime")
+    wandb: bool = option(False, "also log to Weights & Biases (needs the wandb package)", role="runtime")
+    compare_optimizers: bool = option(
+        False, "train twice (optimizer=sgd and sparseopt, same seed) and write a comparison", role="runtime")
 
     # -- validation ------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -215,8 +271,7 @@ class TrainConfig:
             raise ValueError(f"delta_t_batch must be >= 1 or none (the batch size delta_t is given for), got {self.delta_t_batch!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
-        if self.dst == "dense" and self.optimizer != "sgd":
-            raise ValueError("dst=dense has no masks to precondition: use --optimizer sgd (or a sparse --dst)")
+        self._check_method_options()
         if self.neuron_ablation is not None and (self.structure != "constant_fan_in" or not 0 < self.neuron_ablation <= 1):
             raise ValueError(f"neuron_ablation must be in (0, 1] with structure=constant_fan_in, got "
                              f"{self.neuron_ablation!r} with structure={self.structure!r}")
@@ -233,25 +288,68 @@ class TrainConfig:
             raise ValueError(f"mlp_hidden must be a non-empty list of positive widths, got {self.mlp_hidden!r}")
         return self
 
+    def _check_method_options(self) -> None:
+        """Refuse options this method would ignore: recorded, they would split identical runs into report groups."""
+        from ..models import MODELS, config_options
+        from ..registry import check_keywords
+        from ..topology import DST_METHODS
+        from .build import TOPOLOGY_FLAGS, accepts_option
+
+        if self.dst == "dense" and self.optimizer != "sgd":
+            raise ValueError(f"dst=dense has no masks to precondition, so optimizer={self.optimizer} means nothing there: "
+                             "use --optimizer sgd (the default with --dst dense) or a sparse --dst")
+        preset = OPTIMIZER_PRESETS[self.optimizer]
+        defaults = TrainConfig.__dataclass_fields__
+        if not preset.precondition:
+            idle = [k for k in PRECONDITIONER_KEYS if getattr(self, k) not in (defaults[k].default, getattr(preset, k, None))]
+            if self.growth_grad != "original":
+                idle.append("growth_grad")
+            if idle:
+                settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in idle)
+                raise ValueError(f"optimizer={self.optimizer} does not precondition, so {settings} would do nothing "
+                                 f"(c_i = 1): leave {'it' if len(idle) == 1 else 'them'} at the default, or use "
+                                 "--optimizer sparseopt")
+        if self.dst != "dense":
+            updater = DST_METHODS[self.dst]
+            if self.growth_grad != "original" and not accepts_option(updater, "growth_gradient"):
+                raise ValueError(f"growth_grad={self.growth_grad!r} chooses the gradient RigL grows by; dst={self.dst} "
+                                 "does not grow by a gradient: leave --growth-grad at original")
+            check_keywords(updater, self.dst_kwargs, f"dst {self.dst!r} ({updater.__name__})",
+                           reserved={k: f"set by {flag}" for k, flag in TOPOLOGY_FLAGS.items()})
+        elif self.dst_kwargs:
+            raise ValueError(f"dst=dense has no topology updater to take dst_kwargs {self.dst_kwargs!r}")
+        constructor = MODELS[self.model]
+        check_keywords(constructor, self.model_kwargs, f"model {self.model!r}",
+                       reserved={"num_classes": "set by the dataset or --num-classes", "in_shape": "set by the dataset",
+                                 **{p: f"set by --{k.replace('_', '-')}" for p, k in config_options(constructor).items()}})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def method(self) -> dict[str, Any]:
-        """The fields a report groups runs by."""
-        return {k: getattr(self, k) for k in ("dataset", "model", "dst", "optimizer", "ham", "renorm", "growth_grad",
-                                               "sparsity", "epochs", "seed")}
+        """The keys that name the run (:mod:`sparseopt.train.naming`), recorded in ``results.json``."""
+        from .naming import NAMED_KEYS
+
+        return {k: getattr(self, k) for k in NAMED_KEYS}
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
+
+
+def keys_with_role(*roles: str) -> frozenset[str]:
+    """The config keys whose ``role`` (see :func:`option`) is one of ``roles``."""
+    return frozenset(f.name for f in fields(TrainConfig) if f.metadata["role"] in roles)
+
+
 # Keys that may change between a run and its resume; every other key must match the run's saved config.
-RESUMABLE_KEYS = {"out", "resume", "overwrite", "quiet", "tensorboard", "wandb", "workers", "data_dir", "download",
-                  "compile", "compile_mode", "device", "eval_batch_size", "check_masks", "compare_optimizers", "monitor"}
+# (A CPU run records the GPU speed options as off: runtime keys, so resuming with them on is the same run.)
+RESUMABLE_KEYS = keys_with_role("runtime")
+# Keys that do not define a method: runs differing only in these are seeds of one group in a report.
+NON_METHOD_KEYS = keys_with_role("run", "runtime")
 # What a key meant in the runs written before it existed, where the default has changed since.
 LEGACY_DEFAULTS = {"scale_source": "fan_in"}
-# GPU speed options a CPU run records as off (the trainer ignores them there): not a change of method.
-DEVICE_FALLBACK_KEYS = {"bf16", "channels_last", "compile", "sync_bn"}
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any], resolved: dict[str, Any] | None = None) -> list[str]:
@@ -260,46 +358,32 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any], resolved: dic
     A key missing from ``saved`` (written before the key existed) counts at its default. ``resolved``: what the
     saved run made of its ``"auto"`` keys; naming that value explicitly now is the same run.
     """
-    defaults = {**TrainConfig().to_dict(), **LEGACY_DEFAULTS}
+    saved = with_defaults(saved)
     resolved = resolved or {}
 
     def same(key: str) -> bool:
-        old = saved.get(key, defaults[key])
+        old = saved[key]
         return old == now[key] or (old == "auto" and key in resolved and resolved[key] == now[key])
 
-    return [f"{k}: saved {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
-            if k not in RESUMABLE_KEYS and k not in DEVICE_FALLBACK_KEYS and not same(k)]
+    return [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in now if k not in RESUMABLE_KEYS and not same(k)]
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with every key it lacks (written before the key existed) at what it meant then."""
+    return {**TrainConfig().to_dict(), **LEGACY_DEFAULTS, **saved}
 
 
 def field_choices() -> dict[str, list[str]]:
-    """The allowed values of every config key that takes one of a fixed set (validation and ``--help``)."""
-    from ..data import DATASETS
-    from ..models import MODELS
-    from ..models.mlp import NORMS as MLP_NORMS
-    from ..topology import DST_METHODS
-
-    return {
-        "dataset": list(DATASETS), "model": MODELS.names(), "dst": ["dense", *DST_METHODS], "optimizer": list(OPTIMIZERS),
-        "distribution": [d for d in DISTRIBUTIONS if d != "custom"], "init": ["dense", "sparse"],
-        "growth_grad": ["original", "corrected"], "structure": list(STRUCTURES), "precondition_layers": ["auto", "normalized", "all"],
-        "prune_score": ["auto", *PRUNE_SCORES], "scale_source": ["auto", *SCALE_SOURCES], "shortcut": ["A", "B"],
-        "mlp_norm": list(MLP_NORMS), "compile_mode": ["default", "reduce-overhead", "max-autotune"],
-    }
+    """The allowed values of every config key that takes one of a set of names (validation and ``--help``)."""
+    return {f.name: f.metadata["choices"]() for f in fields(TrainConfig) if f.metadata["choices"] is not None}
 
 
 def field_docs() -> dict[str, str]:
-    """Each config key's docstring (the string literal under its field), for ``--help``."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
-    body = tree.body[0].body
+    """Each config key's help text, for ``--help``."""
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
+    for f in fields(TrainConfig):
+        text = f.metadata["help"]
+        docs[f.name] = " ".join((text() if callable(text) else text).split())
     return docs
 
 
@@ -317,14 +401,28 @@ def _base_type(tp):
     return tp, optional
 
 
+def unknown_key_message(name: str, flag: bool = False) -> str:
+    """One line for an unknown key: the closest valid one, or where the list of keys is."""
+    from ..registry import did_you_mean
+
+    spell = (lambda k: "--" + k.replace("_", "-")) if flag else (lambda k: k)
+    hint = did_you_mean(name.lstrip("-").replace("-", "_"), FIELDS)
+    if hint:
+        hint = hint.replace(hint.split("'")[1], spell(hint.split("'")[1]))
+    where = "`sparseopt train --help` lists them" if flag or hint else f"valid keys: {', '.join(sorted(FIELDS))}"
+    return f"unknown {'option' if flag else 'config key'} {spell(name) if not flag else name!r}{hint}; {where}"
+
+
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML / command-line value to the field's type, or raise ValueError."""
     if name not in FIELDS:
-        raise ValueError(f"unknown config key {name!r}; valid keys: {', '.join(sorted(FIELDS))}")
+        raise ValueError(unknown_key_message(name))
     tp, optional = _base_type(_field_type(name))
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
         return None
     try:
+        if typing.get_origin(tp) is dict:
+            return parse_mapping(name, value)
         if typing.get_origin(tp) is list:
             (inner,) = typing.get_args(tp)
             if isinstance(value, str):
@@ -344,6 +442,22 @@ def coerce(name: str, value: Any) -> Any:
     except (TypeError, ValueError):
         raise ValueError(f"config key {name!r} expects {tp.__name__ if hasattr(tp, '__name__') else tp}"
                          f"{' or none' if optional else ''}, got {value!r}") from None
+
+
+def parse_mapping(name: str, value: Any) -> dict[str, Any]:
+    """A mapping from YAML, or from the command line's ``key=value`` words (values read as YAML scalars)."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    if value is None:
+        return {}
+    words = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    out = {}
+    for word in words:
+        key, sep, text = str(word).partition("=")
+        if not sep or not key:
+            raise ValueError(f"config key {name!r} takes key=value pairs, got {word!r}")
+        out[key] = yaml.safe_load(text) if text else None
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -367,4 +481,7 @@ def make_config(file: str | Path | None = None, overrides: dict[str, Any] | None
         for key, value in source.items():
             key = key.replace("-", "_")
             values[key] = coerce(key, value)
+    # Dense training has nothing to precondition: there the optimizer defaults to the baseline's.
+    if values.get("dst") == "dense" and "optimizer" not in values:
+        values["optimizer"] = "sgd"
     return TrainConfig(**values)

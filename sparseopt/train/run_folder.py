@@ -18,6 +18,9 @@ import socket
 import time
 from pathlib import Path
 
+from .config import TrainConfig
+from .naming import run_name
+
 LOCK_NAME = ".lock"
 RUN_FILES = frozenset({"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "results.json", LOCK_NAME,
                        "comparison.md", "comparison.json", "comparison.png"})
@@ -122,3 +125,22 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """The run folder and whether to resume from its checkpoint; refuses what would mix or lose results.
+
+    Nothing is written here: the folder is created, locked and (``--overwrite``) cleared in ``write_header``.
+    """
+    out = Path(cfg.out if cfg.out else Path("runs") / run_name(cfg))
+    check_out_path(out)
+    if cfg.resume:
+        if (out / "checkpoint.pt").is_file():
+            return out, True
+        if (out / "config.yaml").is_file():  # killed before its first checkpoint: nothing to resume, start again
+            return out, False
+        raise ValueError(f"--resume: no checkpoint at {out / 'checkpoint.pt'} and no run started there; "
+                         f"start it without --resume")
+    if has_run_content(out) and not cfg.overwrite:
+        raise FileExistsError(f"output folder {out} already exists: pass --resume to continue it or --overwrite to replace it")
+    return out, False

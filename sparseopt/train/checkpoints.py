@@ -1,0 +1,68 @@
+"""A run's checkpoint: everything to continue it bit-exactly, and the checks before it is trusted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import RunObjects, resolve_method
+from .config import TrainConfig, config_differences
+from .io import load_checkpoint
+
+FORMAT = "sparseopt-checkpoint-v1"
+
+
+def training_state(cfg: TrainConfig, run: RunObjects, scheduler, *, epoch: int, step: int, num_classes: int,
+                   class_names: list[str] | None, seconds: float) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "epoch": epoch,
+        "step": step,
+        "config": cfg.to_dict(),
+        # What this version made of the config's "auto" settings: a resume under another version must not
+        # switch method halfway while config.yaml still says the same thing.
+        "resolved": resolve_method(cfg),
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "model": run.model.state_dict(),
+        "masks": run.masks.state_dict() if run.masks is not None else None,
+        "optimizer": run.optimizer.state_dict(),
+        "topology": run.topology.state_dict() if run.topology is not None else None,
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "seconds": seconds,
+    }
+
+
+def restore(path: Path, cfg: TrainConfig, run: RunObjects, scheduler, device: torch.device) -> dict[str, Any]:
+    """Load ``path`` into the run's objects after checking it is this run's; returns the checkpoint."""
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a sparseopt training checkpoint")
+    diffs = config_differences(state["config"], cfg.to_dict(), state.get("resolved"))
+    if diffs:
+        raise ValueError(f"checkpoint {path} is from another configuration; differing keys: " + "; ".join(diffs))
+    saved_method, method = state.get("resolved"), resolve_method(cfg)
+    # Keys a checkpoint does not record were not 'auto' in its version: they cannot have changed.
+    changed = [f"{k}={saved_method[k]!r} (now {method[k]!r})" for k in method
+               if saved_method is not None and saved_method.get(k, method[k]) != method[k]]
+    if changed:
+        raise ValueError(
+            f"checkpoint {path} was trained with {', '.join(changed)}: this version resolves the config's 'auto' "
+            "settings differently; set them explicitly (e.g. --prune-score, --precondition-layers, --scale-source) to "
+            "continue the run as it was trained"
+        )
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit this model: {e}") from None
+    if run.masks is not None:
+        run.masks.load_state_dict(state["masks"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.topology is not None:
+        run.topology.load_state_dict(state["topology"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return state

@@ -1,0 +1,224 @@
+"""The files of a run folder other than the checkpoint: config, environment, metrics, results.
+
+Run folder::
+
+    config.yaml      resolved configuration (every key)
+    env.json         versions, device, seed, git revision, notes, every invocation (argv, time, host)
+    metrics.jsonl    one JSON line per epoch, and one per topology update ("event": "update")
+    checkpoint.pt    latest epoch, written atomically (model, masks, optimizer, topology, schedule)
+    results.json     final status and numbers (status: completed / diverged / interrupted)
+    .lock            held by the running process (one run per folder at a time)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .build import effective_delta_t, resolve_method
+from .config import TrainConfig
+from .io import atomic_write, environment, jsonl_lines, read_metrics, save_checkpoint, write_json
+from .naming import run_name
+from .run_folder import RunLock, clear_run_folder
+from .runtime import open_loggers
+
+
+def planned_updates(topology) -> int:
+    """Topology updates the schedule will make: steps ``t`` in ``(0, t_end)`` divisible by ``delta_t``."""
+    if topology is None or not topology.dynamic:
+        return 0
+    return (topology.t_end - 1) // topology.delta_t
+
+
+def schedule_warnings(cfg: TrainConfig, total_steps: int, warmup_steps: int, topology) -> list[str]:
+    """Schedules that silently mean nothing (too short a run for its warmup or its delta_t)."""
+    notes = []
+    if warmup_steps >= total_steps:
+        notes.append(f"WARNING: warmup ({warmup_steps} steps) is at least as long as the run ({total_steps} "
+                     "steps): the learning rate never reaches its peak; lower --warmup-epochs or raise --epochs")
+    if topology is not None and topology.dynamic and planned_updates(topology) == 0:
+        notes.append(f"WARNING: {cfg.dst} never updates the topology: delta_t = {topology.delta_t} steps "
+                     f"but updates stop at step t_end = {topology.t_end} ({total_steps} steps in all); "
+                     "lower --delta-t (or --delta-t-batch), or raise --epochs")
+    return notes
+
+
+def epoch_record(epoch: int, step: int, measured: dict[str, Any], run, monitored: dict[str, Any]) -> dict[str, Any]:
+    """One epoch's line of ``metrics.jsonl``: position, learning rate, training and test numbers, masks, monitoring."""
+    record = {"epoch": epoch, "step": step, "lr": run.optimizer.param_groups[0]["lr"], **measured}
+    if run.masks is not None:
+        record.update(run.masks.stats(), topology_updates=run.topology.num_updates,
+                      topology_updates_skipped=run.topology.skipped_updates)
+    return {**record, **monitored}
+
+
+def announcements(notes: list[str], cfg: TrainConfig, topology, total_steps: int) -> list[str]:
+    """The log lines that start a run: its notes, and the topology updates it will make."""
+    lines = [f"note: {note}" for note in notes]
+    if topology is not None and topology.dynamic:
+        lines.append(f"topology: {cfg.dst} every {topology.delta_t} steps until step {topology.t_end} of {total_steps}: "
+                     f"{planned_updates(topology)} updates planned")
+    return lines
+
+
+class Stopwatch:
+    """Training seconds over every invocation of a run: ``before`` (from the checkpoint) plus this one's."""
+
+    def __init__(self):
+        self.before, self._start = 0.0, None
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+
+def mask_summary(masks, cfg: TrainConfig) -> str:
+    """The log lines that say what was masked, at the start of a run."""
+    lines = [f"masks: {len(masks)} layers, density {masks.density():.4f} ({sum(masks.num_active())}/{masks.total} weights; "
+             f"{masks.model_density():.4f} over all parameters), dst={cfg.dst}, optimizer={cfg.optimizer}"]
+    dense = masks.unmasked_weights()
+    if dense:
+        lines.append("dense (not masked): " + ", ".join(f"{n} ({k})" for n, k in dense))
+    return "\n".join(lines)
+
+
+def start_run_folder(out: Path, cfg: TrainConfig, device: torch.device, world_size: int, argv: list[str], *,
+                     resuming: bool, epoch: int, notes: list[str], run_facts: dict[str, Any]) -> RunLock:
+    """Create and lock the folder, clear a replaced run (``--overwrite``), write its header; returns the held lock."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()  # before anything in the folder is touched
+    if not resuming:
+        clear_run_folder(out)  # a previous run's files (--overwrite or a run killed before its checkpoint)
+    write_header(out, cfg, device, world_size, argv, resuming=resuming, epoch=epoch, notes=notes, run_facts=run_facts)
+    if resuming:
+        truncate_metrics(out, epoch)
+    return lock
+
+
+def write_header(out: Path, cfg: TrainConfig, device: torch.device, world_size: int, argv: list[str], *,
+                 resuming: bool, epoch: int, notes: list[str], run_facts: dict[str, Any]) -> None:
+    """``config.yaml``, and ``env.json``: the environment, or on resume one more invocation of the original record."""
+    atomic_write(out / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
+    invocation = {"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from_epoch": epoch}
+    previous = out / "env.json"
+    if resuming and previous.is_file():  # keep the original record, add this invocation
+        env = json.loads(previous.read_text())
+        env.setdefault("invocations", []).append({**environment(device, cfg.seed, world_size), **invocation})
+    else:
+        env = {**environment(device, cfg.seed, world_size), "invocations": [invocation], "notes": notes, **run_facts}
+    write_json(out / "env.json", env)
+
+
+def run_facts(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, peak_lr: float, topology) -> dict[str, Any]:
+    """What a run derived from its config (recorded once, in env.json)."""
+    facts = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "peak_lr": peak_lr}
+    if topology is not None:
+        facts.update(resolved=resolve_method(cfg), topology=topology.config(), delta_t_effective=effective_delta_t(cfg),
+                     topology_updates_planned=planned_updates(topology))
+    return facts
+
+
+def truncate_metrics(out: Path, epoch: int) -> None:
+    """On resume, drop metric lines of epochs after the checkpoint (written after it, before a crash)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = [line for line, record in jsonl_lines(path) if record.get("epoch", 0) <= epoch]
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
+
+
+def append_metrics(out: Path, updates: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(u) + "\n" for u in updates) + json.dumps(metrics) + "\n")
+
+
+def invocations(out: Path) -> int:
+    try:
+        return len(json.loads((out / "env.json").read_text()).get("invocations", [])) or 1
+    except (OSError, ValueError):
+        return 1
+
+
+def run_results(cfg: TrainConfig, out: Path, last: dict[str, Any], *, epoch: int, num_classes: int,
+                class_names: list[str] | None, seconds: float, run, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The contents of a completed run's ``results.json``."""
+    history = history or [last]
+    keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "density", "itop")
+    results = {
+        "status": "completed",
+        "method": cfg.method(),
+        "run_name": run_name(cfg),
+        "epochs_completed": epoch,
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "final": {k: last[k] for k in keys if k in last},
+        "best_test_acc": max((m["test_acc"] for m in history if "test_acc" in m), default=None),
+        "seconds": seconds,
+        "invocations": invocations(out),
+    }
+    if run.masks is not None:
+        results["resolved"] = resolve_method(cfg)
+        results["preconditioned_layers"] = run.optimizer.preconditioned_layers
+        results["topology_updates"] = run.topology.num_updates
+        results["topology_updates_planned"] = planned_updates(run.topology)
+        results["topology_updates_skipped"] = run.topology.skipped_updates  # non-finite growth scores
+    return results
+
+
+def ended_results(cfg: TrainConfig, error: Exception, epoch: int, seconds: float, hint: str) -> dict[str, Any]:
+    """``results.json`` of a run that diverged (NonFiniteLoss) or was stopped by a signal."""
+    interrupted = hasattr(error, "signum")
+    return {"status": "interrupted" if interrupted else "diverged", "error": str(error), "epochs_completed": epoch,
+            "method": cfg.method(), "seconds": seconds, **({"resume": hint} if interrupted else {})}
+
+
+def summary_line(m: dict[str, Any], epochs: int) -> str:
+    line = (f"epoch {m['epoch']:>3}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:5.2f}%  "
+            f"test loss {m['test_loss']:.4f} acc {m['test_acc']:5.2f}% top5 {m['test_top5']:5.2f}%  lr {m['lr']:.4g}")
+    if "itop" in m:
+        line += f"  itop {100 * m['itop']:.1f}%"
+    return line + f"  {m['epoch_seconds']:.1f}s {m['images_per_s']:.0f} img/s"
+
+
+
+
+class RunRecorder:
+    """Rank 0's writer of a run folder (header, metric lines, checkpoints, results); other ranks write nothing."""
+
+    def __init__(self, out: Path, is_main: bool):
+        self.out, self.is_main = out, is_main
+        self.lock: RunLock | None = None
+        self.writers: list = []
+
+    def start(self, cfg: TrainConfig, device: torch.device, world_size: int, argv: list[str], **header) -> None:
+        """Lock the folder, write its header (``start_run_folder``) and open the optional loggers."""
+        if self.is_main:
+            self.lock = start_run_folder(self.out, cfg, device, world_size, argv, **header)
+            self.writers = open_loggers(cfg, self.out)
+
+    def epoch(self, updates: list[dict[str, Any]], metrics: dict[str, Any], state) -> None:
+        """Metrics first: a crash before the checkpoint re-runs this epoch on resume, and truncate_metrics()
+        drops the orphaned lines. ``state``: a function returning the checkpoint (built on rank 0 only)."""
+        if self.is_main:
+            append_metrics(self.out, updates, metrics)
+            save_checkpoint(self.out / "checkpoint.pt", state())
+            for write in self.writers:
+                write(metrics)
+
+    def history(self) -> list[dict[str, Any]]:
+        return read_metrics(self.out) if self.is_main else []
+
+    def results(self, results: dict[str, Any]) -> None:
+        if self.is_main:
+            write_json(self.out / "results.json", results)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
