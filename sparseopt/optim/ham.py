@@ -45,9 +45,10 @@ from .wrapper import OptimizerWrapper, use_foreach
 
 
 def _ham_update_single(weights, grads, lr: float, alpha: float, beta: float, clamp: float) -> None:
+    # The operations of the foreach path in the same order: both paths give the same bits.
     for w, g in zip(weights, grads):
-        exponent = (lr * (-alpha * torch.sign(w) * g - beta)).clamp_(-clamp, clamp)
-        w.mul_(torch.exp(exponent))
+        exponent = torch.sign(w).mul_(g).mul_(-alpha * lr).add_(-beta * lr).clamp_(-clamp, clamp)
+        w.mul_(exponent.exp_())
 
 
 def _ham_update_foreach(weights, grads, lr: float, alpha: float, beta: float, clamp: float) -> None:
