@@ -51,10 +51,9 @@ class Trainer:
         self.clock = records.Stopwatch()  # training seconds over every invocation of the run
         self.device, self.env = place(cfg)
         self.recorder = records.RunRecorder(self.out, self.env.is_main)
-        restart = cfg.resume and not self.resuming
-        self.notes = [f"--resume: {self.out} holds a run that stopped before its first checkpoint: starting it from scratch"] * restart
-        self.cfg, dropped = without_gpu_options(cfg, self.device)
-        self.notes += dropped
+        self.cfg, self.notes = without_gpu_options(cfg, self.device)
+        if cfg.resume and not self.resuming:
+            self.notes.insert(0, f"--resume: {self.out} holds a run that stopped before its first checkpoint: starting it from scratch")
         self.stop = StopOnSignal(self.log)
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
