@@ -33,13 +33,36 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     docs.mkdir()
     (docs / "notes.txt").write_text("keep me")
     assert main(["train", *QUICK, "--out", str(docs), "--overwrite"]) == 2
-    assert "refuses to clear" in capsys.readouterr().err
-    assert (docs / "notes.txt").read_text() == "keep me" and sorted(p.name for p in docs.iterdir()) == [".lock", "notes.txt"]
+    assert "holds files that sparseopt did not write (notes.txt; no .sparseopt-run marker)" in capsys.readouterr().err
+    assert (docs / "notes.txt").read_text() == "keep me" and sorted(p.name for p in docs.iterdir()) == ["notes.txt"]
     run = tmp_path / "run"
     assert main(["train", *QUICK, "--out", str(run)]) == 0
     first = results(run)["seconds"]
     assert main(["train", *QUICK, "--out", str(run), "--overwrite", "--seed", "1"]) == 0  # its own run folder: replaced
     assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1 and results(run)["seconds"] != first
+
+
+def test_a_users_own_config_and_logs_are_never_replaced_or_deleted(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("# my commented config\nsparsity: 0.5\n")
+    for flag in ("--resume", "--overwrite", None):
+        capsys.readouterr()
+        assert main(["train", *QUICK, "--out", str(mine), *([flag] if flag else [])]) == 2
+        assert "holds files that sparseopt did not write (config.yaml; no .sparseopt-run marker)" in capsys.readouterr().err
+    assert (mine / "config.yaml").read_text() == "# my commented config\nsparsity: 0.5\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml"]  # no .lock, nothing else
+    logs = tmp_path / "logs"
+    (logs / "tensorboard").mkdir(parents=True)
+    (logs / "tensorboard" / "events.out").write_text("my curves")
+    assert main(["train", *QUICK, "--out", str(logs), "--overwrite"]) == 2
+    assert (logs / "tensorboard" / "events.out").read_text() == "my curves"
+    # a run writes its marker with its id; a replaced run gets a new id
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, "--out", str(run)]) == 0
+    first = json.loads((run / ".sparseopt-run").read_text())["run_id"]
+    assert main(["train", *QUICK, "--out", str(run), "--overwrite"]) == 0
+    assert json.loads((run / ".sparseopt-run").read_text())["run_id"] != first
 
 
 def test_a_locked_folder_refuses_a_second_run_and_resume(tmp_path, capsys):
@@ -49,7 +72,7 @@ def test_a_locked_folder_refuses_a_second_run_and_resume(tmp_path, capsys):
     try:
         for extra in (["--resume"], ["--overwrite"]):
             assert main(["train", *QUICK, "--out", str(run), *extra]) == 2
-            assert f"run folder {run} is in use by another sparseopt run (pid {os.getpid()}" in capsys.readouterr().err
+            assert f"run folder {run} is in use by a running sparseopt process (pid {os.getpid()}" in capsys.readouterr().err
     finally:
         lock.release()
     assert results(run)["status"] == "completed"  # untouched
@@ -130,8 +153,13 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it(tmp_path, 
         main(args)
     monkeypatch.undo()
     assert (out / "config.yaml").is_file() and not (out / "checkpoint.pt").exists()
-    assert main(args) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(args) == 0  # the same command starts it again (nothing to resume, nothing of the user's there)
+    assert "stopped before its first checkpoint: starting it from scratch" in capsys.readouterr().out
+    monkeypatch.setattr(trainer_mod.Trainer, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--overwrite"])
+    monkeypatch.undo()
     assert main([*args, "--resume"]) == 0
     assert "stopped before its first checkpoint: starting it from scratch" in capsys.readouterr().out
     assert results(out)["status"] == "completed"
@@ -281,3 +309,128 @@ def test_epoch_axes_have_integer_ticks_and_skew_reports_progress(tmp_path):
     run_skew(mnist_inputs(images[:512]), labels[:512], tmp_path, norms=("batchnorm",), sparsities=(0.5, 0.9), batches=2,
              inits=2, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(i, 6) for i in range(1, 7)]  # (2 sparsities + the per-neuron view) x 2 inits
+
+
+def test_the_comparison_job_resumes_as_one_job_with_one_command(tmp_path, monkeypatch, capsys):
+    import signal as signals
+
+    from sparseopt.train import compare as compare_mod
+
+    out = tmp_path / "cmp"
+    args = ["train", "--compare-optimizers", "--epochs", "2", "--train-subset", "512", "--test-subset", "256", "--quiet",
+            "--out", str(out)]
+    real_epoch = trainer_mod.Trainer.train_epoch
+
+    def ctrl_c_in_the_baseline(self, progress):
+        metrics = real_epoch(self, progress)
+        if self.cfg.optimizer == "sgd":
+            self.stop.signum = signals.SIGINT  # Ctrl-C during the sgd half's first epoch
+        return metrics
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_epoch", ctrl_c_in_the_baseline)
+    assert main(args) == 130
+    monkeypatch.undo()
+    said = capsys.readouterr().out
+    assert f"resume the whole job with: sparseopt train {' '.join(args[1:])} --resume" in said
+    assert not (out / "sparseopt").exists() and not (out / "comparison.json").exists()
+    assert main([*args, "--resume"]) == 0  # the printed command: finishes the baseline, trains SparseOpt, compares
+    assert json.loads((out / "sgd" / "results.json").read_text())["invocations"] == 2
+    assert json.loads((out / "sparseopt" / "results.json").read_text())["status"] == "completed"
+    assert (out / "comparison.json").is_file()
+    # Ctrl-C while the comparison is written: one line, exit 130, and --resume writes it without training again
+    (out / "comparison.json").unlink()
+    monkeypatch.setattr(compare_mod, "plot_comparison", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 130
+    said = capsys.readouterr()
+    assert "stopped while writing the comparison; both runs are complete. Write it with:" in said.out
+    assert "Traceback" not in said.out + said.err
+    monkeypatch.undo()
+    seconds = json.loads((out / "sgd" / "results.json").read_text())["seconds"]
+    assert main([*args, "--resume"]) == 0
+    assert "finished earlier, kept" in capsys.readouterr().out and (out / "comparison.json").is_file()
+    assert json.loads((out / "sgd" / "results.json").read_text())["seconds"] == seconds  # not trained again
+
+
+def test_a_full_disk_is_one_line_saying_where_and_how_much_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    from sparseopt.train import io as io_mod
+
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "2", "--quiet", "--no-compare-optimizers", "--train-subset", "512", "--out", str(out)]
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 2:  # the second epoch's checkpoint: the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/3: "
+                               "file write failed")
+        return real_save(obj, f, *a, **k)
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(io_mod.torch, "save", save)
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 200 << 10))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: disk full: the checkpoint {out / 'checkpoint.pt'} needs about ")
+    assert "MB and 0.2 MB are free there; the previous checkpoint is kept. Free some space and run the same command with " \
+           "--resume" in err[0]
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", shutil_mod.disk_usage)
+    monkeypatch.setattr(io_mod.torch, "save", real_save)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # still resumable
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert main([*args, "--resume"]) == 0 and results(out)["status"] == "completed"
+
+
+def test_a_malicious_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *QUICK, "--out", str(out)]
+    assert main(args) == 0
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"format": "sparseopt-checkpoint-v1", "x": Payload()}, out / "checkpoint.pt")
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be loaded safely: it contains objects other than tensors and plain data (posix.system)" \
+        in err[0] and "weights_only=False" not in err[0]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_torn_metrics_line_of_the_checkpointed_epoch_comes_back_on_resume(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "3", "--quiet", "--no-compare-optimizers", "--train-subset", "512", "--out", str(out)]
+    real_save, saves = records_mod.save_checkpoint, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed right after epoch 2's checkpoint
+
+    monkeypatch.setattr(records_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.undo()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    epoch2 = [json.loads(line) for line in lines if json.loads(line).get("epoch") == 2]
+    (out / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # torn
+    assert main([*args, "--resume"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "event" not in r] == [1, 2, 3]
+    assert [r for r in records if r["epoch"] == 2] == epoch2  # restored from the checkpoint's copy, exactly
+
+
+def test_extending_a_finished_run_is_refused_with_the_reason_and_the_way(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *QUICK, "--out", str(out)]
+    assert main(args) == 0
+    assert main([*args, "--resume", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is a 1-epoch run: its learning rate follows a cosine to lr_min over 1 epoch and" in err
+    assert "Train the longer run as its own: the same command with --epochs 3 and another --out (or --overwrite)" in err
+    assert results(out)["status"] == "completed" and results(out)["epochs_completed"] == 1  # untouched

@@ -255,7 +255,7 @@ def test_folder_dataset_run_counts_its_classes(tmp_path, capsys):
               "--no-compare-optimizers", "--workers", "0", "--dst", "static", "--sparsity", "0.5"]
     assert main([*common, "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "imagefolder: 10 classes from" in out and "WARNING: 1 training classes have no validation folder" in out
+    assert "imagefolder: 10 classes from" in out and "WARNING: 1 training class has no validation folder" in out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["num_classes"] == 10 and results["run_name"].startswith("imagefolder-resnet20")
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

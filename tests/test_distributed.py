@@ -53,7 +53,7 @@ def test_ddp_masks_identical_and_equal_to_single_process(tmp_path, dst):
     assert [line["epoch"] for line in lines if "event" not in line] == [1, 2]
     assert [line["step"] for line in lines if line.get("event") == "update"] == [5, 10, 15, 20]
     assert sorted(p.name for p in (tmp_path / "ddp_run").iterdir()) == [
-        ".lock", "checkpoint.pt", "config.yaml", "env.json", "metrics.jsonl", "results.json"]
+        ".lock", ".sparseopt-run", "checkpoint.pt", "config.yaml", "env.json", "metrics.jsonl", "results.json"]
     assert json.loads((tmp_path / "ddp_run/env.json").read_text())["world_size"] == 2
     single_acc = json.loads((tmp_path / "single_run/results.json").read_text())["final"]["test_acc"]
     assert results["final"]["test_acc"] == pytest.approx(single_acc, abs=0.5)  # evaluation reduced over ranks

@@ -32,9 +32,37 @@ NORM_CHOICES = NORMS
 SHARED_NORMS = ("layernorm", "rmsnorm")  # one statistic over all neurons of a sample
 
 
-def mnist_inputs(images: torch.Tensor, mean: float = 0.1307, std: float = 0.3081) -> torch.Tensor:
-    """uint8 (N, 1, 28, 28) -> float (N, 784) normalised with the dataset's mean / std (default MNIST's)."""
+def mnist_inputs(images: torch.Tensor, mean=0.1307, std=0.3081) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float (N, C*H*W) normalised per channel (default MNIST's mean / std)."""
+    shape = (1, -1, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).reshape(shape)
+    std = torch.tensor(std, dtype=torch.float32).reshape(shape)
     return ((images.float() / 255.0 - mean) / std).reshape(len(images), -1)
+
+
+def dataset_inputs(dataset: str, data_dir, image_size: int = 28, limit: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened, normalised training inputs and labels of any dataset the trainer reads.
+
+    Folders are read at ``image_size`` without augmentation (a fixed sample of ``limit`` images) and
+    normalised with their own statistics (``imagefolder``) or ImageNet's; the others with their own.
+    """
+    from ..data import DATASETS, FOLDER_DATASETS, load_tensors
+    from ..data.imagefolder import ImageFolder
+
+    info = DATASETS[dataset]
+    if dataset in FOLDER_DATASETS:
+        folder = ImageFolder(data_dir, "train", train=False, image_size=image_size, resize=image_size, name=dataset,
+                             augment="none")
+        pick = sorted(torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))[:limit].tolist())
+        pairs = [folder[i] for i in pick]
+        images, labels = torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+        mean, std = info.mean, info.std
+        if dataset == "imagefolder":
+            x = images.double() / 255.0
+            mean, std = tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
+        return mnist_inputs(images, mean, std), labels
+    images, labels = load_tensors(dataset, data_dir, train=True)
+    return mnist_inputs(images, info.mean, info.std), labels
 
 
 @dataclass
@@ -59,8 +87,9 @@ def gradient_ratio(
 ) -> SkewResult:
     """First-layer gradient ratio of a masked MLP against its dense twin (shared init)."""
     torch.manual_seed(seed)
-    dense = MLP(inputs.shape[1], hidden, 10, norm=norm)
-    sparse = MLP(inputs.shape[1], hidden, 10, norm=norm)
+    classes = max(10, int(labels.max()) + 1)
+    dense = MLP(inputs.shape[1], hidden, classes, norm=norm)
+    sparse = MLP(inputs.shape[1], hidden, classes, norm=norm)
     sparse.load_state_dict(dense.state_dict())
     with torch.no_grad():
         sparse[1].weight.mul_(mask)

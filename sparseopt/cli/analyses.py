@@ -25,13 +25,15 @@ def ensure_writable(folder: Path) -> Path:
 
 
 def cmd_skew(argv: list[str]) -> int:
-    from ..analysis.skew import DEFAULT_SPARSITIES, NORM_CHOICES, mnist_inputs, run_skew
-    from ..data import DATASETS, load_bundled_mnist, load_mnist
+    from ..analysis.skew import DEFAULT_SPARSITIES, NORM_CHOICES, dataset_inputs, run_skew
+    from ..data import DATASETS, FOLDER_DATASETS
 
     p = argparse.ArgumentParser(allow_abbrev=False, prog="sparseopt skew", description="BN gradient skew of a sparse layer (paper Fig. 2, appendix D/E.3).")
-    p.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default="mnist",
-                   help="which IDX files --data-dir holds (each is normalised with its own statistics)")
-    p.add_argument("--data-dir", help="folder with the IDX files (default: the bundled MNIST subset)")
+    p.add_argument("--dataset", choices=list(DATASETS), default="bundled_mnist",
+                   help="any dataset sparseopt train reads (each normalised with its own statistics; a folder with "
+                        "those of its images)")
+    p.add_argument("--data-dir", help="folder holding the dataset (not needed for bundled_mnist)")
+    p.add_argument("--image-size", type=int, default=28, help="folder datasets: images are resized to this (default 28)")
     p.add_argument("--norm", nargs="+", choices=NORM_CHOICES, default=["batchnorm", "none"])
     p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
     p.add_argument("--batches", type=int, default=100)
@@ -39,22 +41,25 @@ def cmd_skew(argv: list[str]) -> int:
     p.add_argument("--inits", type=int, default=5, help="random initialisations averaged per point")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/skew")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     args = p.parse_args(argv)
     for s in args.sparsities:
         if not 0 <= s < 1:
             p.error(f"--sparsities must be in [0, 1), got {s}")
     out = ensure_writable(Path(args.out))
-    if args.dataset != "mnist" and not args.data_dir:
+    if args.dataset == "mnist" and not args.data_dir:  # the old default: MNIST without files means the bundled subset
+        args.dataset = "bundled_mnist"
+    if args.dataset != "bundled_mnist" and not args.data_dir:
         p.error(f"--dataset {args.dataset} needs --data-dir (only an MNIST subset is bundled)")
-    images, labels = load_mnist(args.data_dir, args.dataset, True) if args.data_dir else load_bundled_mnist(True)
-    info = DATASETS[args.dataset]
-    with Progress(1, "skew", enabled=not args.quiet) as bar:
+    image_size = args.image_size if args.dataset in FOLDER_DATASETS else None
+    inputs, labels = dataset_inputs(args.dataset, args.data_dir, image_size or 28)
+    print(f"skew: {args.dataset}, {len(labels)} training images of {inputs.shape[1]} inputs", flush=True)
+    with Progress(1, "skew", enabled=not args.quiet, lines=True) as bar:
         def progress(done, total):
             bar.set_total(total)
             bar.update(done)
 
-        summary = run_skew(mnist_inputs(images, info.mean[0], info.std[0]), labels, out, norms=args.norm, sparsities=args.sparsities,
+        summary = run_skew(inputs, labels, out, norms=args.norm, sparsities=args.sparsities,
                            batches=args.batches, batch_size=args.batch_size, inits=args.inits, seed=args.seed,
                            progress=progress)
     print(f"{'norm':>10} {'sparsity':>8} {'ratio':>14} {'1/sqrt(1-s)':>11} {'norm factor':>11}")
@@ -164,7 +169,13 @@ def cmd_sweep(argv: list[str]) -> int:
     result = run_sweep(spec, out, overrides=overrides, launcher=args.launcher, parallel=args.parallel, gpus=args.gpus,
                        per_device=args.per_device,
                        cluster=args.cluster, dry_run=args.dry_run, retry_failed=args.retry_failed, wait=not args.no_wait)
-    failed = [name for name, code in result["codes"].items() if code not in (0, None) and not isinstance(code, str)]
+    from ..sweep.runner import STOPPED_CODES
+
+    codes, stopped_by = result["codes"], result.get("stopped_by")
+    failed = [name for name, code in codes.items() if code not in (0, None) and not isinstance(code, str)
+              and not (stopped_by and code in STOPPED_CODES)]
     if failed:
         print(f"[sweep] {len(failed)} run(s) failed: {failed}")
-    return 1 if failed else 0
+        return 1
+    # Stopped is not failed: 128 + the signal, as a shell reports a job it stopped (SLURM requeues on it).
+    return 128 + stopped_by if stopped_by else 0

@@ -24,18 +24,19 @@ class DatasetInfo:
     in_shape: tuple[int, int, int]  # (C, H, W); folder datasets: H, W = --image-size
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    augment: bool  # standard augmentation for training (pad-crop-flip)
+    augment: str | None  # the --augment preset of --augment auto (None: by image size, for any folder)
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(10, (1, 28, 28), (0.1307,), (0.3081,), False),
-    "bundled_mnist": DatasetInfo(10, (1, 28, 28), (0.1307,), (0.3081,), False),
-    "fashion_mnist": DatasetInfo(10, (1, 28, 28), (0.2860,), (0.3530,), False),
-    "cifar10": DatasetInfo(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "cifar100": DatasetInfo(100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-    "imagenet": DatasetInfo(1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
-    # Any folder in ImageNet's layout: classes from train/, ImageNet's statistics unless they are yours.
-    "imagefolder": DatasetInfo(None, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
+    "mnist": DatasetInfo(10, (1, 28, 28), (0.1307,), (0.3081,), "none"),
+    "bundled_mnist": DatasetInfo(10, (1, 28, 28), (0.1307,), (0.3081,), "none"),
+    "fashion_mnist": DatasetInfo(10, (1, 28, 28), (0.2860,), (0.3530,), "none"),
+    "cifar10": DatasetInfo(10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "crop_flip"),
+    "cifar100": DatasetInfo(100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "crop_flip"),
+    "imagenet": DatasetInfo(1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet"),
+    # Any folder in ImageNet's layout: classes from train/; statistics computed from its own images by default
+    # (--normalize auto), ImageNet's with --normalize dataset.
+    "imagefolder": DatasetInfo(None, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None),
 }
 FOLDER_DATASETS = ("imagenet", "imagefolder")
 _DIGITS = [str(i) for i in range(10)]

@@ -5,6 +5,22 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+# Training augmentation presets (--augment): what each does to a training image.
+AUGMENTS = {
+    "none": "no augmentation",
+    "flip": "horizontal flip with probability 1/2",
+    "crop": "zero-pad by 4 pixels and crop back at a random offset",
+    "crop_flip": "pad-4 random crop and horizontal flip (the CIFAR recipe)",
+    "imagenet": "random-resized crop (scale 0.08-1, aspect 3/4-4/3) and horizontal flip (the ImageNet recipe; folders only)",
+}
+
+
+def crop_and_flip(preset: str) -> tuple[int, bool]:
+    """(padding, flip) of a preset for datasets held as tensors (``imagenet`` needs decoded images)."""
+    if preset not in AUGMENTS or preset == "imagenet":
+        raise ValueError(f"augment {preset!r} is not one of the tensor presets {[a for a in AUGMENTS if a != 'imagenet']}")
+    return (4 if "crop" in preset else 0), ("flip" in preset)
+
 
 def draw_crop_flip(n: int, generator: torch.Generator, padding: int = 4, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop offsets ``(2, n)`` and flip flags ``(n,)`` from a CPU generator (device-independent results)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .augment import Normalize, draw_crop_flip, random_crop_flip
+from .augment import Normalize, crop_and_flip, draw_crop_flip, random_crop_flip
 
 
 class DeviceLoader:
@@ -23,7 +23,7 @@ class DeviceLoader:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         train: bool,
-        augment: bool = False,
+        augment: str | bool = "none",
         seed: int = 0,
         device: torch.device | str = "cpu",
         rank: int = 0,
@@ -37,7 +37,11 @@ class DeviceLoader:
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size = batch_size
-        self.train, self.augment, self.seed = train, augment, seed
+        preset = {True: "crop_flip", False: "none"}.get(augment, augment) if isinstance(augment, bool) else augment
+        self.padding, self.flip = crop_and_flip(preset)  # --augment: none, flip, crop, crop_flip
+        self.augment = train and preset != "none"
+        self.seed = seed
+        self.train = train
         self.rank, self.world_size = rank, world_size
         self.drop_last = train if drop_last is None else drop_last
         self.normalize = Normalize(mean, std, self.device, channels_last)
@@ -73,12 +77,14 @@ class DeviceLoader:
         order = self._indices()
         if self.augment:  # the epoch's random numbers in one host-to-device copy, not one per batch
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919)
-            offsets, flips = draw_crop_flip(len(order), g, device=self.device)
+            offsets, flips = draw_crop_flip(len(order), g, device=self.device)  # the same draws for every preset
+            if not self.padding:
+                offsets.zero_()
         for i in range(len(self)):
             batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[batch]
             x = self.images[idx].float()
             if self.augment:  # on raw pixels, so the padding is black as in the standard recipe
-                x = random_crop_flip(x, draws=(offsets[:, batch], flips[batch]))
+                x = random_crop_flip(x, padding=self.padding, flip=self.flip, draws=(offsets[:, batch], flips[batch]))
             x = self.normalize(x)
             yield x, self.labels[idx]

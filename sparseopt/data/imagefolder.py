@@ -4,10 +4,14 @@ Layout: ``<root>/train/<class>/*.JPEG`` and ``<root>/val/<class>/*.JPEG``
 (``imagefolder``; ``imagenet`` is its preset with ILSVRC-2012's 1000 classes).
 The class-to-index map comes from the training folder alone and the validation
 split uses it, so a class missing from ``val`` cannot shift the labels of the
-others. Training: random-resized-crop ``image_size`` (scale 0.08-1, aspect
-3/4-4/3) + horizontal flip; evaluation: resize the shorter side to
-``resize`` + centre crop ``image_size`` (224 / 256 for ImageNet). Workers
-return uint8 CHW tensors; normalisation happens on the device.
+others; hidden folders (``.ipynb_checkpoints``) are not classes, and a training
+class folder without images is refused. Training with ``augment="imagenet"``:
+random-resized-crop ``image_size`` (scale 0.08-1, aspect 3/4-4/3) + horizontal
+flip, evaluation: resize the shorter side to ``resize`` + centre crop
+``image_size`` (224 / 256 for ImageNet). Any other preset (``none``, ``flip``,
+``crop``, ``crop_flip``: for small images) resizes to ``image_size`` and, in
+training, pads by 4 and crops back and/or flips. Workers return uint8 CHW
+tensors; normalisation happens on the device.
 """
 
 from __future__ import annotations
@@ -63,14 +67,15 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, train: bool, image_size: int = 224, resize: int = 256,
-                 subset: int | None = None, class_to_idx: dict[str, int] | None = None, name: str = "imagefolder"):
+                 subset: int | None = None, class_to_idx: dict[str, int] | None = None, name: str = "imagefolder",
+                 augment: str = "imagenet"):
         folder = Path(root).expanduser() / split
         if not folder.is_dir():
             raise DatasetError(
                 f"{name}: {folder} not found. Expected {Path(root) / 'train'}/<class>/*.JPEG and "
                 f"{Path(root) / 'val'}/<class>/*.JPEG (val sorted into class folders); pass --data-dir to that folder"
             )
-        found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not found:
             raise DatasetError(f"{name}: {folder} has no class folders (expected {folder}/<class>/*.JPEG)")
         if class_to_idx is None:
@@ -82,15 +87,20 @@ class ImageFolder(Dataset):
         self.class_to_idx = class_to_idx
         self.classes = sorted(class_to_idx, key=class_to_idx.get)
         self.missing_classes = [c for c in self.classes if c not in set(found)]
-        self.samples = [
-            (p, class_to_idx[c]) for c in found for p in sorted((folder / c).iterdir()) if p.suffix.lower() in EXTENSIONS
-        ]
+        images = {c: [p for p in sorted((folder / c).iterdir()) if p.suffix.lower() in EXTENSIONS] for c in found}
+        empty = [c for c in found if not images[c]]
+        if empty and split == "train":
+            raise DatasetError(f"{name}: class folder {folder / empty[0]} has no images ({', '.join(EXTENSIONS)})"
+                               f"{f' (nor do {len(empty) - 1} more: {empty[1:4]})' if len(empty) > 1 else ''}; "
+                               "remove it or put its images in it")
+        self.samples = [(p, class_to_idx[c]) for c in found for p in images[c]]
         if not self.samples:
             raise DatasetError(f"{name}: no images ({', '.join(EXTENSIONS)}) under {folder}")
+        self.total = len(self.samples)  # before --train-subset
         if subset is not None:
             keep = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(0))[:subset]
             self.samples = [self.samples[i] for i in sorted(keep.tolist())]
-        self.train, self.image_size, self.resize = train, image_size, resize
+        self.train, self.image_size, self.resize, self.augment = train, image_size, resize, augment
         self.rng = random.Random(0)  # re-seeded per worker by _seed_worker
 
     def __len__(self) -> int:
@@ -102,19 +112,39 @@ class ImageFolder(Dataset):
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
-        except OSError as e:
-            raise DatasetError(f"cannot decode image {path} ({e})") from None
-        if self.train:
-            left, top, w, h = random_resized_crop_box(img.width, img.height, self.rng)
-            img = img.resize((self.image_size, self.image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
-            if self.rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            s = self.resize / min(img.width, img.height)
-            img = img.resize((max(self.resize, round(img.width * s)), max(self.resize, round(img.height * s))), Image.BILINEAR)
-            left, top = (img.width - self.image_size) // 2, (img.height - self.image_size) // 2
-            img = img.crop((left, top, left + self.image_size, top + self.image_size))
+        except (OSError, ValueError) as e:  # truncated, not an image, or an unknown format
+            raise DatasetError(f"cannot decode image {path} ({e}); remove or replace it") from None
+        size = self.image_size
+        if self.augment == "imagenet":
+            if self.train:
+                left, top, w, h = random_resized_crop_box(img.width, img.height, self.rng)
+                img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+            else:
+                s = self.resize / min(img.width, img.height)
+                img = img.resize((max(self.resize, round(img.width * s)), max(self.resize, round(img.height * s))),
+                                 Image.BILINEAR)
+                left, top = (img.width - size) // 2, (img.height - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+        elif img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        if self.train and "crop" in self.augment and self.augment != "imagenet":  # pad 4 (black) and crop back
+            dx, dy = self.rng.randint(0, 8), self.rng.randint(0, 8)
+            padded = Image.new("RGB", (size + 8, size + 8))
+            padded.paste(img, (4, 4))
+            img = padded.crop((dx, dy, dx + size, dy + size))
+        if self.train and "flip" in self.augment and self.rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), label
+
+    def pixel_statistics(self, n: int = 512) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+        """Per-channel (mean, std) in [0, 1] over a fixed random sample of ``n`` images, unaugmented; and the count."""
+        train, self.train = self.train, False
+        try:
+            pick = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(0))[:n].tolist()
+            x = torch.stack([self[i][0] for i in sorted(pick)]).double() / 255.0
+        finally:
+            self.train = train
+        return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()), len(pick)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -145,17 +175,21 @@ class HostLoader:
         return len(self.sampler) if self.sampler is not None else len(self.loader.dataset)
 
     def __iter__(self):
-        for x, y in self.loader:
-            yield self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+        try:
+            for x, y in self.loader:
+                yield self.normalize(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+        except DatasetError as e:  # raised in a worker: DataLoader wraps it in the worker's traceback
+            raise DatasetError(str(e).strip().splitlines()[-1].removeprefix("sparseopt.data.errors.DatasetError: ")
+                               .removeprefix("DatasetError: ")) from None
 
 
 def imagefolder_loader(root, train: bool, batch_size: int, *, workers: int, device, mean, std, seed: int,
                        rank: int = 0, world_size: int = 1, subset: int | None = None, channels_last: bool = False,
                        image_size: int = 224, resize: int = 256, class_to_idx: dict[str, int] | None = None,
-                       name: str = "imagefolder") -> HostLoader:
+                       name: str = "imagefolder", augment: str = "imagenet") -> HostLoader:
     """A loader over ``root/train`` or ``root/val``; its ``dataset`` has ``classes`` and ``class_to_idx``."""
     dataset = ImageFolder(root, "train" if train else "val", train, image_size=image_size, resize=resize, subset=subset,
-                          class_to_idx=class_to_idx, name=name)
+                          class_to_idx=class_to_idx, name=name, augment=augment)
     sampler = None
     if world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)

@@ -32,7 +32,7 @@ from torch import nn
 from ..masks.maskset import MaskSet
 from ..masks.structure import Structure
 from ..models import MODELS, build_model
-from ..train.io import atomic_write
+from ..train.io import atomic_write, load_failure
 from .encoding import decode, encode, pack, unpack
 
 FORMAT = "sparseopt-sparse-v1"
@@ -111,17 +111,6 @@ def export_sparse(
     size, dense_size = len(buffer.getvalue()), len(reference.getvalue())
     return {"path": str(path), "bytes": size, "dense_bytes": dense_size, "ratio": size / dense_size,
             "encodings": {n: e["encoding"] for n, e in layers.items()}}
-
-
-def load_failure(error: Exception) -> str:
-    """One line saying why ``torch.load(weights_only=True)`` failed, without torch's advice to load unsafely."""
-    text = str(error)
-    for line in text.splitlines():
-        if "Unsupported global" in line:
-            return "it contains objects other than tensors and plain data (" + line.split("Unsupported global:")[-1].split(
-                " was not")[0].strip() + "), which are never unpickled"
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    return f"{type(error).__name__}: {first}"
 
 
 def read_sparse(path: str | Path) -> dict[str, Any]:

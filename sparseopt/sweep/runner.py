@@ -131,10 +131,11 @@ def threads_per_run(slots: int, cpus: int | None = None) -> int:
 
 
 def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None = None, per_device: int = 1,
-              nproc_per_run: int = 1, poll_s: float = 0.5) -> dict[str, int]:
+              nproc_per_run: int = 1, poll_s: float = 0.5) -> tuple[dict[str, int], int | None]:
     """Each run as a ``sparseopt train`` subprocess: ``parallel`` at a time on the CPU, or ``per_device`` at a time
     on each GPU of ``gpus`` (assigned round-robin through ``CUDA_VISIBLE_DEVICES``), each with its share of the
-    CPU threads. SIGTERM / SIGINT stop every run cleanly (each keeps its last checkpoint, status ``interrupted``)."""
+    CPU threads. SIGTERM / SIGINT stop every run cleanly (each keeps its last checkpoint, status ``interrupted``).
+    Returns the runs' exit codes and the signal that stopped the sweep (None: it was not stopped)."""
     configs = out / ".sweep" / "configs"
     logs = out / ".sweep" / "logs"
     todo = [(run, action) for run, action in actions if action in ("start", "resume")]
@@ -164,18 +165,22 @@ def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None =
                     env["CUDA_VISIBLE_DEVICES"] = slot
                 logs.mkdir(parents=True, exist_ok=True)
                 log = open(logs / f"{run.name}.log", "a")
+                log.flush()
                 print(f"[sweep] {action:6s} {run.name}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
-                running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), run, slot, log))
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running.append((proc, run, slot, (log, log.tell())))
             time.sleep(poll_s)
             for item in list(running):
-                proc, run, slot, log = item
+                proc, run, slot, (log, start) = item
                 if proc.poll() is not None:
                     log.close()
                     codes[run.name] = proc.returncode
+                    for line in warnings_in(logs / f"{run.name}.log", start):  # shown here, not only in the log
+                        print(f"[sweep] {run.name}: {line}", flush=True)
                     if proc.returncode == 0:
                         status = "done"
-                    elif stopping:
-                        status = "stopped"
+                    elif stopping and proc.returncode in STOPPED_CODES:
+                        status = "stopped (resumable)"
                     else:
                         status = f"FAILED (exit {proc.returncode}, see {logs / (run.name + '.log')})"
                     print(f"[sweep] {status:6s} {run.name}", flush=True)
@@ -186,9 +191,25 @@ def run_local(actions, out: Path, *, parallel: int = 1, gpus: list[str] | None =
             signal.signal(sig, handler)
     if stopping:
         left = [run.name for run, _ in todo]
-        print(f"[sweep] stopped by signal {stopping[0]}: {len(left)} run(s) not started; "
-              "run the same sweep command again to resume", flush=True)
-    return codes
+        stopped = [name for name, code in codes.items() if code in STOPPED_CODES]
+        print(f"[sweep] stopped by {signal.Signals(stopping[0]).name}: {len(stopped)} run(s) interrupted with their "
+              f"checkpoints kept, {len(left)} not started; run the same sweep command again to resume", flush=True)
+    return codes, (stopping[0] if stopping else None)
+
+
+# Exit codes of a run stopped by SIGINT / SIGTERM (128 + signal, as `sparseopt train` and a shell report them).
+STOPPED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+def warnings_in(log: Path, start: int = 0) -> list[str]:
+    """The WARNING lines a run wrote to its log after byte ``start`` (this invocation's part)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.lstrip().startswith("WARNING")]
 
 
 def train_bundle(config_paths: list[str], threads: int) -> list[int]:
@@ -279,10 +300,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, overrides: dict[str, Any] | N
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(spec, out, runs)
     if launcher == "local":
-        codes = run_local(actions, out, parallel=parallel, gpus=gpus, per_device=per_device,
-                          nproc_per_run=spec.nproc_per_run)
+        codes, stopped_by = run_local(actions, out, parallel=parallel, gpus=gpus, per_device=per_device,
+                                      nproc_per_run=spec.nproc_per_run)
     elif launcher == "submitit":
-        codes = run_submitit(actions, out, spec, cluster=cluster, wait=wait, per_device=per_device)
+        codes, stopped_by = run_submitit(actions, out, spec, cluster=cluster, wait=wait, per_device=per_device), None
     else:
         raise ValueError(f"unknown launcher {launcher!r}; choose local or submitit")
-    return {"runs": [r.name for r in runs], "actions": {r.name: a for r, a in actions}, "codes": codes}
+    return {"runs": [r.name for r in runs], "actions": {r.name: a for r, a in actions}, "codes": codes,
+            "stopped_by": stopped_by}

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..messages import plural
 from .build import RunObjects, resolve_method
 from .config import TrainConfig, config_differences
 from .io import load_checkpoint
@@ -42,6 +43,14 @@ def restore(path: Path, cfg: TrainConfig, run: RunObjects, scheduler, device: to
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sparseopt training checkpoint")
     diffs = config_differences(state["config"], cfg.to_dict(), state.get("resolved"))
+    saved_epochs = int(state["config"].get("epochs", cfg.epochs))
+    if [d.split(":")[0] for d in diffs] == ["epochs"] and cfg.epochs > saved_epochs:
+        raise ValueError(
+            f"{path.parent} is a {saved_epochs}-epoch run: its learning rate follows a cosine to lr_min over "
+            f"{plural(saved_epochs, 'epoch')} and its topology updates stop at {cfg.t_end_fraction:g} of them, so training it "
+            f"to {cfg.epochs} epochs would be neither that run nor a {cfg.epochs}-epoch one (which anneals and updates "
+            f"over all {cfg.epochs}). Train the longer run as its own: the same command with --epochs {cfg.epochs} and "
+            "another --out (or --overwrite)")
     if diffs:
         raise ValueError(f"checkpoint {path} is from another configuration; differing keys: " + "; ".join(diffs))
     saved_method, method = state.get("resolved"), resolve_method(cfg)

@@ -7,13 +7,20 @@ Writes ``<out>/sgd/``, ``<out>/sparseopt/`` (complete run folders) and
 from __future__ import annotations
 
 import dataclasses
+import json
+import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..analysis.figures import epoch_axis, pyplot, save_figure, write_text
-from .config import TrainConfig
+from .config import TrainConfig, config_differences
 from .io import read_metrics, write_json
-from .trainer import run_name, train
+from .naming import run_name
+from .stopping import Interrupted
+from .trainer import Trainer
 
 VARIANTS = ("sgd", "sparseopt")
 
@@ -62,13 +69,51 @@ def verdict_line(results: dict[str, dict[str, Any]], cfg: TrainConfig) -> str:
 
 
 def compare(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Train both variants (or, with ``--resume``, finish what is missing) and write the comparison.
+
+    The pair is one job: a stop in either half prints the one command that resumes the whole
+    comparison (this command with ``--resume``); on resume a finished half is kept as it is.
+    """
     out = Path(cfg.out if cfg.out else Path("runs") / f"compare-{run_name(cfg)}")
+    command = list(argv) if argv else ["sparseopt", "train"]
+    resume_command = shlex.join(command if "--resume" in command else [*command, "--resume"])
     histories, results = {}, {}
     for variant in VARIANTS:
-        sub = dataclasses.replace(cfg, optimizer=variant, out=str(out / variant), compare_optimizers=False)
-        print(f"== {variant}: {'masked SGD baseline' if variant == 'sgd' else 'SparseOpt'} -> {out / variant}", flush=True)
-        results[variant] = train(sub, argv=argv)
-        histories[variant] = read_metrics(out / variant)
+        folder = out / variant
+        sub = dataclasses.replace(cfg, optimizer=variant, out=str(folder), compare_optimizers=False,
+                                  resume=cfg.resume and (folder / "checkpoint.pt").is_file())
+        done = finished_run(folder, sub) if cfg.resume else None
+        if done is not None:
+            print(f"== {variant}: finished earlier, kept -> {folder}", flush=True)
+            results[variant] = done
+        else:
+            print(f"== {variant}: {'masked SGD baseline' if variant == 'sgd' else 'SparseOpt'} -> {folder}", flush=True)
+            results[variant] = Trainer(sub, argv=command, resume_command=resume_command).run()
+        histories[variant] = read_metrics(folder)
+    try:
+        return write_comparison(cfg, out, histories, results)
+    except KeyboardInterrupt:  # both runs are complete: only the comparison files are missing
+        print(f"\nstopped while writing the comparison; both runs are complete. Write it with: {resume_command}",
+              flush=True)
+        raise Interrupted("stopped while writing the comparison", signal.SIGINT) from None
+
+
+def finished_run(folder: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The results of a completed run in ``folder`` trained with ``cfg``'s method; None when there is none."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if results.get("status") != "completed":
+        return None
+    saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    diffs = config_differences(saved, cfg.to_dict(), results.get("resolved"))
+    if diffs:
+        raise ValueError(f"{folder} holds a finished run of another configuration; differing keys: " + "; ".join(diffs))
+    return results
+
+
+def write_comparison(cfg: TrainConfig, out: Path, histories, results) -> dict[str, Any]:
     title = f"{cfg.dataset} {cfg.model}, {cfg.dst} at {100 * cfg.sparsity:g}% sparsity, seed {cfg.seed}"
     table = comparison_table(histories)
     plot = plot_comparison(histories, out / "comparison.png", title)

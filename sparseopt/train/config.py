@@ -117,6 +117,16 @@ def _mlp_norms() -> list[str]:
     return list(NORMS)
 
 
+def _augments() -> list[str]:
+    from ..data.augment import AUGMENTS
+
+    return ["auto", *AUGMENTS]
+
+
+def _normalizations() -> list[str]:
+    return ["auto", "dataset", "computed", "none"]
+
+
 def _compile_modes() -> list[str]:
     return list(COMPILE_MODES)
 
@@ -137,6 +147,14 @@ class TrainConfig:
     num_classes: int | None = option(
         None, "model outputs (default: the dataset's classes; folder datasets: the class folders of train/); at least that many")
     image_size: int | None = option(None, "crop size of folder datasets (default 224)")
+    augment: str = option(
+        "auto", "training augmentation: none, flip, crop (pad 4 + random crop), crop_flip (CIFAR's), imagenet (random-resized "
+        "crop + flip, folders only); auto: the dataset's own (none for MNIST, crop_flip for CIFAR, imagenet for ImageNet; "
+        "folders: imagenet, or crop_flip for images under 96 px)", choices=_augments)
+    normalize: str = option(
+        "auto", "input normalization: dataset (the named dataset's mean/std), computed (the training images' own, from a "
+        "fixed sample, recorded in env.json), none (pixels / 255); auto: dataset, computed for imagefolder",
+        choices=_normalizations)
     resize_size: int | None = option(
         None, "evaluation resize of folder datasets before the centre crop (default image_size * 256 / 224)")
     # -- model -------------------------------------------------------------------
@@ -272,6 +290,11 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         self._check_method_options()
+        from ..data import FOLDER_DATASETS
+
+        if self.augment == "imagenet" and self.dataset not in FOLDER_DATASETS:
+            raise ValueError(f"augment=imagenet (random-resized crops of decoded images) is for image folders; "
+                             f"{self.dataset} is held as tensors: use none, flip, crop or crop_flip")
         if self.neuron_ablation is not None and (self.structure != "constant_fan_in" or not 0 < self.neuron_ablation <= 1):
             raise ValueError(f"neuron_ablation must be in (0, 1] with structure=constant_fan_in, got "
                              f"{self.neuron_ablation!r} with structure={self.structure!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,6 +19,8 @@ from ..data import (
     load_tensors,
     subset,
 )
+from ..data.augment import AUGMENTS, Normalize
+from ..messages import plural
 from .config import TrainConfig
 from .distributed import DistEnv
 
@@ -31,6 +34,11 @@ class RunData:
     num_classes: int
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None  # label index -> name, where known
+    facts: dict[str, Any] = field(default_factory=dict)  # augmentation and normalization, recorded in env.json
+
+    def __post_init__(self):
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            self.class_names = None  # --num-classes added outputs that have no name
 
 
 def default_workers(env: DistEnv) -> int:
@@ -56,42 +64,123 @@ def num_classes(cfg: TrainConfig, found: int | None = None) -> int:
     return cfg.num_classes
 
 
-def make_loaders(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunData:
+# Below this crop size a folder's images are small (digits, CIFAR-like): ImageNet's random-resized crop at
+# 8% of the area would throw most of each image away.
+SMALL_IMAGES = 96
+
+
+def augment_preset(cfg: TrainConfig) -> str:
+    """The ``--augment`` preset of the run (``auto``: the dataset's own; folders: ImageNet's, or CIFAR's when small)."""
+    if cfg.augment != "auto":
+        return cfg.augment
+    known = DATASETS[cfg.dataset].augment
+    return known if known is not None else ("imagenet" if image_sizes(cfg)[0] >= SMALL_IMAGES else "crop_flip")
+
+
+def normalize_mode(cfg: TrainConfig) -> str:
+    """``--normalize`` (``auto``: the named dataset's statistics; a generic folder's own, computed)."""
+    if cfg.normalize != "auto":
+        return cfg.normalize
+    return "computed" if cfg.dataset == "imagefolder" else "dataset"
+
+
+def pixel_statistics(images: torch.Tensor, n: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Per-channel (mean, std) in [0, 1] of the first ``n`` images of a uint8 (N, C, H, W) tensor, and the count."""
+    x = images[:n].double() / 255.0
+    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()), x.shape[0]
+
+
+def statistics_note(cfg: TrainConfig, mean, std) -> str | None:
+    """A warning when data read as a named dataset does not have its statistics (another dataset in its format)."""
     info = DATASETS[cfg.dataset]
+    off = max(max(abs(a - b) for a, b in zip(mean, info.mean)), max(abs(a - b) / b for a, b in zip(std, info.std)) / 4)
+    if off < 0.02:
+        return None
+    fmt = lambda v: "/".join(f"{x:.3f}" for x in v)  # noqa: E731
+    return (f"WARNING: the {cfg.dataset} training images in {cfg.data_dir} have mean {fmt(mean)} and std {fmt(std)}, "
+            f"{cfg.dataset}'s are {fmt(info.mean)} and {fmt(info.std)}: they look like another dataset in the same "
+            "format, normalised here with the wrong statistics; --normalize computed uses their own")
+
+
+def subset_note(cfg: TrainConfig, found: int) -> str | None:
+    if cfg.train_subset is not None and cfg.train_subset > found:
+        return (f"--train-subset {cfg.train_subset} is more than the {found} training examples of {cfg.dataset}: "
+                f"all {found} are used")
+    return None
+
+
+def normalization(cfg: TrainConfig, measured) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
+    """(mean, std, record) that the run normalises with; ``measured()`` gives the training data's own."""
+    info, mode = DATASETS[cfg.dataset], normalize_mode(cfg)
+    if mode == "dataset":
+        mean, std = info.mean, info.std
+        record = {"normalize": mode, "mean": list(mean), "std": list(std)}
+    elif mode == "none":
+        mean, std = (0.0,) * len(info.mean), (1.0,) * len(info.std)
+        record = {"normalize": mode}
+    else:
+        mean, std, count = measured()
+        record = {"normalize": mode, "mean": list(mean), "std": list(std), "computed_from_images": count}
+    return tuple(mean), tuple(std), record
+
+
+def describe(cfg: TrainConfig, augment: str, record: dict[str, Any]) -> str:
+    """The log line saying which augmentation and normalization the run uses."""
+    stats = "" if "mean" not in record else " (mean {}, std {})".format(
+        "/".join(f"{v:.4f}" for v in record["mean"]), "/".join(f"{v:.4f}" for v in record["std"]))
+    source = {"dataset": f"{cfg.dataset}'s statistics", "computed": "computed from the training images",
+              "none": "pixels / 255 only"}[record["normalize"]]
+    return f"data: augmentation {augment} ({AUGMENTS[augment]}); normalization {source}{stats}"
+
+
+def make_loaders(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunData:
     batch = cfg.batch_size // env.world_size
-    common = dict(mean=info.mean, std=info.std, seed=cfg.seed, device=device, rank=env.rank,
-                  world_size=env.world_size, channels_last=cfg.channels_last)
+    common = dict(seed=cfg.seed, device=device, rank=env.rank, world_size=env.world_size, channels_last=cfg.channels_last)
     if cfg.dataset in FOLDER_DATASETS:
         return _folder_loaders(cfg, batch, common, env)
     if cfg.download and env.is_main:
         download_dataset(cfg.dataset, cfg.data_dir)
     if env.enabled:
         torch.distributed.barrier()
-    xtr, ytr = subset(*load_tensors(cfg.dataset, cfg.data_dir, train=True), cfg.train_subset)
+    images, labels = load_tensors(cfg.dataset, cfg.data_dir, train=True)
+    notes = [n for n in (subset_note(cfg, len(labels)),
+                         statistics_note(cfg, *pixel_statistics(images)[:2]) if cfg.dataset != "bundled_mnist" else None) if n]
+    xtr, ytr = subset(images, labels, cfg.train_subset)
     xte, yte = subset(*load_tensors(cfg.dataset, cfg.data_dir, train=False), cfg.test_subset)
-    train = DeviceLoader(xtr, ytr, batch, train=True, augment=info.augment, **common)
-    test = DeviceLoader(xte, yte, cfg.eval_batch_size, train=False, **common)
+    mean, std, record = normalization(cfg, lambda: pixel_statistics(xtr))
+    augment = augment_preset(cfg)
+    train = DeviceLoader(xtr, ytr, batch, train=True, augment=augment, mean=mean, std=std, **common)
+    test = DeviceLoader(xte, yte, cfg.eval_batch_size, train=False, mean=mean, std=std, **common)
     if len(train) == 0:
         raise ValueError(f"the training set has {train.num_samples} examples per rank, fewer than one batch of {batch}")
-    return RunData(train, test, num_classes(cfg), class_names=CLASS_NAMES.get(cfg.dataset))
+    return RunData(train, test, num_classes(cfg), [describe(cfg, augment, record), *notes],
+                   class_names=CLASS_NAMES.get(cfg.dataset), facts={"augment": augment, **record})
 
 
 def _folder_loaders(cfg: TrainConfig, batch: int, common: dict, env: DistEnv) -> RunData:
     size, resize = image_sizes(cfg)
     workers = cfg.workers if cfg.workers is not None else default_workers(env)
-    kw = dict(workers=workers, image_size=size, resize=resize, name=cfg.dataset, **common)
-    train = imagefolder_loader(cfg.data_dir, True, batch, subset=cfg.train_subset, **kw)
+    augment = augment_preset(cfg)
+    kw = dict(workers=workers, image_size=size, resize=resize, name=cfg.dataset, augment=augment, **common)
+    info = DATASETS[cfg.dataset]
+    train = imagefolder_loader(cfg.data_dir, True, batch, subset=cfg.train_subset, mean=info.mean, std=info.std, **kw)
+    mean, std, record = normalization(cfg, train.dataset.pixel_statistics)
+    train.normalize = Normalize(mean, std, train.device, cfg.channels_last)
     classes = train.dataset.class_to_idx  # one map, from the training folder; val uses it
     if cfg.dataset == "imagenet" and len(classes) != IMAGENET_CLASSES:
         raise DatasetError(f"imagenet: {cfg.data_dir}/train has {len(classes)} class folders, ImageNet has "
                            f"{IMAGENET_CLASSES}; use --dataset imagefolder for other folder datasets")
-    test = imagefolder_loader(cfg.data_dir, False, cfg.eval_batch_size, subset=cfg.test_subset, class_to_idx=classes, **kw)
-    notes = [f"{cfg.dataset}: {len(classes)} classes from {cfg.data_dir}/train, images {size}px (resize {resize}), "
-             f"{workers} decoding workers"]
+    test = imagefolder_loader(cfg.data_dir, False, cfg.eval_batch_size, subset=cfg.test_subset, class_to_idx=classes,
+                              mean=mean, std=std, **kw)
+    notes = [f"{cfg.dataset}: {plural(len(classes), 'class')} from {cfg.data_dir}/train, images {size}px "
+             f"(resize {resize}), {plural(workers, 'decoding worker')}", describe(cfg, augment, record)]
+    notes += [n for n in (subset_note(cfg, train.dataset.total),) if n]
     missing = test.dataset.missing_classes
     if missing:
-        notes.append(f"WARNING: {len(missing)} training classes have no validation folder "
+        notes.append(f"WARNING: {plural(len(missing), 'training class', 'training classes')} "
+                     f"{'has' if len(missing) == 1 else 'have'} no validation folder "
                      f"({missing[:5]}{' ...' if len(missing) > 5 else ''}); their labels are unchanged")
     if len(train) == 0:
         raise ValueError(f"the training set has {train.num_samples} examples per rank, fewer than one batch of {batch}")
-    return RunData(train, test, num_classes(cfg, len(classes)), notes, class_names=list(train.dataset.classes))
+    return RunData(train, test, num_classes(cfg, len(classes)), notes, class_names=list(train.dataset.classes),
+                   facts={"augment": augment, **record})

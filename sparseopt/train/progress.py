@@ -6,8 +6,13 @@ import sys
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, enabled: bool = True):
+    """``lines``: when the output is not a terminal (a log file, CI), print a line at every tenth of the total
+    instead of staying silent (long analyses; training prints its own line per epoch)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, lines: bool = False):
         self.bar = None
+        self.desc, self.total, self.lines = desc, total, enabled and lines and not sys.stderr.isatty()
+        self.printed = 0  # tenths already printed
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
@@ -22,9 +27,13 @@ class Progress:
             self.bar.update(done - self.last)
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}%", img_s=f"{ips:.0f}", refresh=False)
+        elif self.lines and self.total and 10 * done // self.total > self.printed:
+            self.printed = 10 * done // self.total
+            print(f"{self.desc}: {done}/{self.total} ({100 * done // self.total}%)", flush=True)
         self.last = done
 
     def set_total(self, total: int) -> None:
+        self.total = total
         if self.bar is not None and self.bar.total != total:
             self.bar.total = total
             self.bar.refresh()

@@ -24,7 +24,7 @@ from .build import effective_delta_t, resolve_method
 from .config import TrainConfig
 from .io import atomic_write, environment, jsonl_lines, read_metrics, save_checkpoint, write_json
 from .naming import run_name
-from .run_folder import RunLock, clear_run_folder
+from .run_folder import MARKER, RunLock, clear_run_folder, write_marker
 from .runtime import open_loggers
 
 
@@ -57,9 +57,13 @@ def epoch_record(epoch: int, step: int, measured: dict[str, Any], run, monitored
     return {**record, **monitored}
 
 
+LABELS = ("WARNING", "data")
+
+
 def announcements(notes: list[str], cfg: TrainConfig, topology, total_steps: int) -> list[str]:
     """The log lines that start a run: its notes, and the topology updates it will make."""
-    lines = [f"note: {note}" for note in notes]
+    # A note that carries its own label ("WARNING: ...", "data: ...") is printed as it is, not as "note: WARNING: ...".
+    lines = [note if note.split(":", 1)[0] in LABELS else f"note: {note}" for note in notes]
     if topology is not None and topology.dynamic:
         lines.append(f"topology: {cfg.dst} every {topology.delta_t} steps until step {topology.t_end} of {total_steps}: "
                      f"{planned_updates(topology)} updates planned")
@@ -90,15 +94,18 @@ def mask_summary(masks, cfg: TrainConfig) -> str:
 
 
 def start_run_folder(out: Path, cfg: TrainConfig, device: torch.device, world_size: int, argv: list[str], *,
-                     resuming: bool, epoch: int, notes: list[str], run_facts: dict[str, Any]) -> RunLock:
+                     resuming: bool, epoch: int, notes: list[str], run_facts: dict[str, Any],
+                     epoch_records: list[dict[str, Any]] | None = None) -> RunLock:
     """Create and lock the folder, clear a replaced run (``--overwrite``), write its header; returns the held lock."""
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out).acquire()  # before anything in the folder is touched
     if not resuming:
         clear_run_folder(out)  # a previous run's files (--overwrite or a run killed before its checkpoint)
+    if not resuming or not (out / MARKER).is_file():  # a new run's id (a run of an earlier version gets one too)
+        write_marker(out, run_name=run_name(cfg))
     write_header(out, cfg, device, world_size, argv, resuming=resuming, epoch=epoch, notes=notes, run_facts=run_facts)
     if resuming:
-        truncate_metrics(out, epoch)
+        truncate_metrics(out, epoch, epoch_records)
     return lock
 
 
@@ -116,21 +123,27 @@ def write_header(out: Path, cfg: TrainConfig, device: torch.device, world_size: 
     write_json(out / "env.json", env)
 
 
-def run_facts(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, peak_lr: float, topology) -> dict[str, Any]:
-    """What a run derived from its config (recorded once, in env.json)."""
-    facts = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "peak_lr": peak_lr}
+def run_facts(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, peak_lr: float, topology,
+              data=None) -> dict[str, Any]:
+    """What a run derived from its config (recorded once, in env.json): schedule, method, data pipeline."""
+    facts = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "peak_lr": peak_lr,
+             "data": getattr(data, "facts", {})}
     if topology is not None:
         facts.update(resolved=resolve_method(cfg), topology=topology.config(), delta_t_effective=effective_delta_t(cfg),
                      topology_updates_planned=planned_updates(topology))
     return facts
 
 
-def truncate_metrics(out: Path, epoch: int) -> None:
-    """On resume, drop metric lines of epochs after the checkpoint (written after it, before a crash)."""
+def truncate_metrics(out: Path, epoch: int, saved: list[dict[str, Any]] | None = None) -> None:
+    """On resume, drop metric lines of epochs after the checkpoint (written after it, before a crash).
+
+    ``saved``: the checkpointed epoch's lines as the checkpoint keeps them; they replace that epoch's
+    lines in the file, so a line torn or lost after the checkpoint was written comes back.
+    """
     path = out / "metrics.jsonl"
-    if not path.is_file():
-        return
-    keep = [line for line, record in jsonl_lines(path) if record.get("epoch", 0) <= epoch]
+    lines = jsonl_lines(path) if path.is_file() else []
+    keep = [line for line, record in lines if record.get("epoch", 0) < epoch or (record.get("epoch", 0) == epoch and not saved)]
+    keep += [json.dumps(record) for record in saved or []]
     atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
 
 
@@ -157,7 +170,8 @@ def run_results(cfg: TrainConfig, out: Path, last: dict[str, Any], *, epoch: int
         "run_name": run_name(cfg),
         "epochs_completed": epoch,
         "num_classes": num_classes,
-        "class_names": class_names,
+        "class_names": class_names,  # label index -> name
+        "class_to_index": None if class_names is None else {name: i for i, name in enumerate(class_names)},
         "final": {k: last[k] for k in keys if k in last},
         "best_test_acc": max((m["test_acc"] for m in history if "test_acc" in m), default=None),
         "seconds": seconds,
@@ -208,7 +222,8 @@ class RunRecorder:
         drops the orphaned lines. ``state``: a function returning the checkpoint (built on rank 0 only)."""
         if self.is_main:
             append_metrics(self.out, updates, metrics)
-            save_checkpoint(self.out / "checkpoint.pt", state())
+            # The checkpoint keeps a copy of the epoch's lines: a resume restores them if the file lost them.
+            save_checkpoint(self.out / "checkpoint.pt", {**state(), "epoch_records": [*updates, metrics]})
             for write in self.writers:
                 write(metrics)
 

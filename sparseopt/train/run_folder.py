@@ -1,12 +1,14 @@
 """Run folders: what belongs to one, replacing one safely, and the lock that keeps one run per folder.
 
-A run folder holds only the files ``sparseopt train`` writes (:data:`RUN_ENTRIES`).
-``--overwrite`` removes exactly those and refuses a folder holding anything
-else, so pointing ``--out`` at a folder of documents cannot delete them. A run
-holds an exclusive lock (``flock`` on ``.lock``) on its folder for its whole
-life: a second run or resume into the same folder fails at once with the
-holder's pid, and the operating system drops the lock of a killed process,
-so a stale lock never blocks.
+A folder is a run folder only if sparseopt's own marker says so: ``.sparseopt-run``,
+written when a run starts, with the run's id (folders of earlier versions are
+recognised by their ``env.json``). sparseopt never replaces or deletes anything in
+a folder without the marker, and in one with it only the files it writes
+(:data:`RUN_FILES`): pointing ``--out`` at a folder of documents, a config of your
+own or your TensorBoard logs cannot lose them. A run holds an exclusive lock
+(``flock`` on ``.lock``) on its folder for its whole life: a second run or resume
+into the same folder fails at once with the holder's pid, and the operating
+system drops the lock of a killed process, so a stale lock never blocks.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 
 from .config import TrainConfig
 from .naming import run_name
 
 LOCK_NAME = ".lock"
-RUN_FILES = frozenset({"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "results.json", LOCK_NAME,
-                       "comparison.md", "comparison.json", "comparison.png"})
+MARKER = ".sparseopt-run"
+RUN_FILES = frozenset({"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "results.json", LOCK_NAME, MARKER,
+                       "comparison.md", "comparison.json", "comparison.png", "data_stats.json"})
 RUN_DIRS = frozenset({"tensorboard", "wandb"})
 COMPARE_DIRS = frozenset({"sgd", "sparseopt"})  # a --compare-optimizers folder holds two run folders
 
@@ -55,6 +59,27 @@ def foreign_entries(path: Path) -> list[str]:
     return sorted(foreign)
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether sparseopt's marker (or, for folders of earlier versions, its env.json record) says ``path`` is a run's."""
+    if (path / MARKER).is_file():
+        return True
+    try:  # a run folder written before the marker existed: env.json is sparseopt's record of its invocations
+        record = json.loads((path / "env.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("invocations"), list) and "torch" in record
+
+
+def write_marker(path: Path, **info) -> str:
+    """Mark ``path`` as a run folder with a new run id; returns the id."""
+    run_id = uuid.uuid4().hex
+    record = {"run_id": run_id, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), **info}
+    tmp = path / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path / MARKER)
+    return run_id
+
+
 def has_run_content(path: Path) -> bool:
     """Whether ``path`` holds anything but a lock file and interrupted temporary writes."""
     return path.is_dir() and any(e.name != LOCK_NAME and not _is_temporary(e.name) for e in path.iterdir())
@@ -80,8 +105,8 @@ def clear_run_folder(path: Path) -> None:
             "Choose another --out, or remove the folder yourself"
         )
     for entry in path.iterdir():
-        if entry.name == LOCK_NAME:
-            continue  # held by this run
+        if entry.name in (LOCK_NAME, MARKER):
+            continue  # held by this run; the marker is renewed by it
         if entry.is_dir():
             shutil.rmtree(entry)
         else:
@@ -113,6 +138,23 @@ class RunLock:
         self._fd = fd
         return self
 
+    def held_elsewhere(self) -> bool:
+        """Whether a live process holds the lock now (tested without keeping it; no file is created)."""
+        try:
+            import fcntl
+        except ImportError:
+            return False
+        if not self.path.is_file():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also drops the lock just taken
+
     def holder(self) -> str:
         try:
             info = json.loads(self.path.read_text())
@@ -130,17 +172,37 @@ class RunLock:
 def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     """The run folder and whether to resume from its checkpoint; refuses what would mix or lose results.
 
-    Nothing is written here: the folder is created, locked and (``--overwrite``) cleared in ``write_header``.
+    Nothing is written here (a refused folder is left exactly as it was): the folder is created,
+    locked, marked and (``--overwrite``) cleared when the run starts (``records.start_run_folder``).
     """
     out = Path(cfg.out if cfg.out else Path("runs") / run_name(cfg))
     check_out_path(out)
+    check_not_in_use(out)
+    ours, content = is_run_folder(out), has_run_content(out)
+    if content and not ours:
+        raise FileExistsError(
+            f"--out {out} holds files that sparseopt did not write ({listing(sorted(e.name for e in out.iterdir()), 6)}; "
+            f"no {MARKER} marker): sparseopt never replaces or deletes them. Choose another --out")
+    checkpoint = (out / "checkpoint.pt").is_file()
     if cfg.resume:
-        if (out / "checkpoint.pt").is_file():
+        if checkpoint:
             return out, True
-        if (out / "config.yaml").is_file():  # killed before its first checkpoint: nothing to resume, start again
+        if ours:  # stopped before its first checkpoint: nothing to resume, start again
             return out, False
         raise ValueError(f"--resume: no checkpoint at {out / 'checkpoint.pt'} and no run started there; "
                          f"start it without --resume")
-    if has_run_content(out) and not cfg.overwrite:
-        raise FileExistsError(f"output folder {out} already exists: pass --resume to continue it or --overwrite to replace it")
-    return out, False
+    if checkpoint and not cfg.overwrite:
+        raise FileExistsError(f"output folder {out} holds a run: pass --resume to continue it or --overwrite to replace it")
+    foreign = foreign_entries(out) if ours else []
+    if foreign and (checkpoint or content):
+        raise ValueError(f"--out {out} is a sparseopt run folder that also holds {listing(foreign, 8)}: sparseopt does not "
+                         "delete what it did not write; move them, or choose another --out")
+    return out, False  # new, or a run that stopped before its first checkpoint: the same command starts it again
+
+
+def check_not_in_use(out: Path) -> None:
+    """Refuse a folder whose lock a running process holds, naming it (before any --resume advice could mislead)."""
+    lock = RunLock(out)
+    if out.is_dir() and lock.held_elsewhere():
+        raise ValueError(f"run folder {out} is in use by a running sparseopt process ({lock.holder()}): wait for it to "
+                         "finish or stop it (Ctrl-C or kill; it can be resumed afterwards), or choose another --out")

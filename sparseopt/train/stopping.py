@@ -72,8 +72,11 @@ def check_finite(loss_sum: float, epoch: int, step: int, out) -> None:
                             "Try a lower --lr or --renorm 1.0")
 
 
-def resume_hint(out, epoch: int) -> str:
-    """What the user runs to continue a run stopped after ``epoch`` epochs."""
+def resume_hint(out, epoch: int, command: str | None = None) -> str:
+    """What the user runs to continue a run stopped after ``epoch`` epochs (``command``: the job's own)."""
+    if command is not None:
+        kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch of this run had finished"
+        return f"{kept}; resume the whole job with: {command}"
     if epoch == 0:
         return "no epoch had finished, so there is no checkpoint: add --resume to the same command to start it again"
     return f"the checkpoint of epoch {epoch} is kept; resume with: sparseopt train --config {out / 'config.yaml'} --resume"

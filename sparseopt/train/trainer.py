@@ -27,7 +27,7 @@ from .evaluation import evaluate
 from .monitoring import RunMonitor
 from .naming import run_name  # noqa: F401 - sparseopt.train.trainer.run_name, as before
 from .progress import Progress
-from .run_folder import prepare_out_dir
+from .run_folder import has_run_content, is_run_folder, prepare_out_dir
 from .runtime import (
     backend_flags,
     check_optional_loggers,
@@ -43,8 +43,9 @@ from .stopping import Interrupted, NonFiniteLoss, StopOnSignal, check_finite, re
 class Trainer:
     """Builds everything from a config and runs it; ``run()`` returns the results dict."""
 
-    def __init__(self, cfg: TrainConfig, argv: list[str] | None = None):
+    def __init__(self, cfg: TrainConfig, argv: list[str] | None = None, resume_command: str | None = None):
         cfg = cfg.validate()
+        self.resume_command = resume_command  # what resumes the whole job this run is part of (a comparison)
         self.argv = list(argv) if argv is not None else list(sys.argv)  # recorded in env.json
         check_optional_loggers(cfg)
         self.out, self.resuming = prepare_out_dir(cfg)
@@ -52,21 +53,18 @@ class Trainer:
         self.device, self.env = place(cfg)
         self.recorder = records.RunRecorder(self.out, self.env.is_main)
         self.cfg, self.notes = without_gpu_options(cfg, self.device)
-        if cfg.resume and not self.resuming:
-            self.notes.insert(0, f"--resume: {self.out} holds a run that stopped before its first checkpoint: starting it from scratch")
+        if not self.resuming and not cfg.overwrite and is_run_folder(self.out) and has_run_content(self.out):
+            self.notes.insert(0, f"{self.out} holds a run that stopped before its first checkpoint: starting it from scratch")
+        self.log = functools.partial(print, flush=True) if self.env.is_main else lambda msg: None  # rank 0 speaks
         self.stop = StopOnSignal(self.log)
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
-
-    def log(self, msg: str) -> None:
-        if self.env.is_main:
-            print(msg, flush=True)
 
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)
-        data = make_loaders(cfg, self.device, env)
-        self.train_loader, self.test_loader, self.num_classes = data.train, data.test, data.num_classes
-        self.class_names = data.class_names if data.class_names and len(data.class_names) == data.num_classes else None
+        self.data = data = make_loaders(cfg, self.device, env)
+        self.train_loader, self.test_loader, self.num_classes, self.class_names = (data.train, data.test, data.num_classes,
+                                                                                   data.class_names)
         self.notes.extend(data.notes)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -78,7 +76,7 @@ class Trainer:
         self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, warmup, self.peak_lr, cfg.lr_min)
         self.forward_model = wrap_for_training(model, self.masks, self.env, self.device, cfg)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.epoch = self.step = 0
+        self.epoch, self.step, self.epoch_records = 0, 0, None
         self.monitor = RunMonitor(run, self.criterion, self.autocast, effective_delta_t(cfg), cfg.monitor)
         self.notes += records.schedule_warnings(cfg, self.total_steps, warmup, self.topology)
         if self.resuming:
@@ -87,6 +85,7 @@ class Trainer:
     def load(self, path) -> None:
         state = restore(path, self.cfg, self.objects, self.scheduler, self.device)
         self.epoch, self.step, self.clock.before = int(state["epoch"]), int(state["step"]), float(state.get("seconds", 0))
+        self.epoch_records = state.get("epoch_records")  # the checkpointed epoch's metric lines
         self.log(f"resumed from {path} at epoch {self.epoch} (step {self.step})")
 
     def state(self) -> dict[str, Any]:
@@ -165,7 +164,7 @@ class Trainer:
             if metrics is None:  # resumed from the last epoch's checkpoint: nothing left to train
                 metrics = (self.recorder.history() or [{"epoch": self.epoch}])[-1]
         except (NonFiniteLoss, Interrupted) as e:
-            hint = resume_hint(self.out, self.epoch)
+            hint = resume_hint(self.out, self.epoch, self.resume_command)
             self.recorder.results(records.ended_results(cfg, e, self.epoch, self.clock.seconds(), hint))
             if isinstance(e, Interrupted):
                 self.log(f"{e}; {hint}")
@@ -179,9 +178,10 @@ class Trainer:
 
     def start_run_folder(self) -> None:
         """Lock the run folder and write its header (rank 0), then say what the run will do."""
-        facts = records.run_facts(self.cfg, self.steps_per_epoch, self.total_steps, self.peak_lr, self.topology)
+        facts = records.run_facts(self.cfg, self.steps_per_epoch, self.total_steps, self.peak_lr, self.topology, self.data)
         self.recorder.start(self.cfg, self.device, self.env.world_size, self.argv, resuming=self.resuming,
-                            epoch=self.epoch, notes=self.notes, run_facts=facts)
+                            epoch=self.epoch, notes=self.notes, run_facts=facts,
+                            epoch_records=self.epoch_records)
         if self.env.enabled:
             torch.distributed.barrier()
         for line in records.announcements(self.notes, self.cfg, self.topology, self.total_steps):
