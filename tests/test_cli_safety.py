@@ -70,7 +70,7 @@ def test_a_locked_folder_refuses_a_second_run_and_resume(tmp_path, capsys):
     assert main(["train", *QUICK, "--out", str(run)]) == 0
     lock = RunLock(run).acquire()  # another process holds the folder
     try:
-        for extra in (["--resume"], ["--overwrite"]):
+        for extra in ([], ["--resume"], ["--overwrite"]):
             assert main(["train", *QUICK, "--out", str(run), *extra]) == 2
             assert f"run folder {run} is in use by a running sparseopt process (pid {os.getpid()}" in capsys.readouterr().err
     finally:

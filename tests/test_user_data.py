@@ -70,14 +70,13 @@ def test_folder_of_small_images_gets_small_image_defaults_and_computed_statistic
             "--model", "mlp", *QUICK, "--out", str(out)]
     assert main(args) == 0
     said = capsys.readouterr().out
-    assert "data: augmentation crop_flip (pad-4 random crop and horizontal flip (the CIFAR recipe)); normalization " \
-           "computed from the training images (mean 0." in said
+    assert "data: augmentation none (no augmentation); normalization computed from the training images (mean 0." in said
     facts = run_json(out, "env.json")["data"]
     images = torch.stack([ImageFolder(data, "train", train=False, image_size=28, augment="none")[i][0] for i in range(12)])
     assert facts["normalize"] == "computed" and facts["computed_from_images"] == 12
     assert facts["mean"][0] == pytest.approx(images.double().mean().item() / 255, abs=1e-9)
     # evaluation reads a small image whole (no 256/224 resize-and-crop that cuts its border off)
-    val = ImageFolder(data, "val", train=False, image_size=28, augment="crop_flip")
+    val = ImageFolder(data, "val", train=False, image_size=28, augment="crop_flip")  # evaluation: never augmented
     from PIL import Image
 
     path, _ = val.samples[0]

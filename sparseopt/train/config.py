@@ -18,20 +18,25 @@ from typing import Any
 
 import yaml
 
+from ..data import DATASETS
+from ..data.augment import AUGMENTS
 from ..masks.distributions import DISTRIBUTIONS
 from ..masks.maskset import INITS
 from ..masks.structure import STRUCTURES
+from ..models import MODELS
+from ..models.mlp import NORMS as MLP_NORMS
 from ..models.resnet_cifar import SHORTCUTS
 from ..optim.presets import OPTIMIZER_PRESETS
 from ..optim.scales import SCALE_SOURCES
 from ..optim.sparseopt import LAYER_CHOICES
 from ..topology.scores import PRUNE_SCORES
-from ..topology.updaters import GROWTH_GRADIENTS
+from ..topology.updaters import DST_METHODS, GROWTH_GRADIENTS
 
 ROLES = ("method", "run", "runtime")
 # torch.compile's modes (torch.compile(mode=...)).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # SparseOpt's options: they do nothing for an optimizer preset that does not precondition.
+NORMALIZATIONS = ("dataset", "computed", "none")  # --normalize (sparseopt.train.data)
 PRECONDITIONER_KEYS = ("precondition_layers", "scale_source", "scale_ema", "undamped_growth")
 
 
@@ -53,89 +58,20 @@ def option(default: Any = dataclasses.MISSING, help: str | Callable[[], str] = "
 
 
 # Where each named choice is defined (imported when asked: the registries may have grown by plugins since).
-def _datasets() -> list[str]:
-    from ..data import DATASETS
-
-    return list(DATASETS)
-
-
-def _models() -> list[str]:
-    from ..models import MODELS
-
-    return MODELS.names()
-
-
-def _dst_methods() -> list[str]:
-    from ..topology import DST_METHODS
-
-    return ["dense", *DST_METHODS]
-
-
-def _optimizers() -> list[str]:
-    return OPTIMIZER_PRESETS.names()
-
-
 def _optimizer_help() -> str:
     return "; ".join(f"{p.name}: {p.help}" for _, p in OPTIMIZER_PRESETS.items())
 
 
-def _distributions() -> list[str]:
-    return [d for d in DISTRIBUTIONS if d != "custom"]
-
-
-def _inits() -> list[str]:
-    return list(INITS)
-
-
-def _growth_gradients() -> list[str]:
-    return list(GROWTH_GRADIENTS)
-
-
-def _structures() -> list[str]:
-    return list(STRUCTURES)
-
-
-def _precondition_layers() -> list[str]:
-    return ["auto", *LAYER_CHOICES]
-
-
-def _prune_scores() -> list[str]:
-    return ["auto", *PRUNE_SCORES]
-
-
-def _scale_sources() -> list[str]:
-    return ["auto", *SCALE_SOURCES]
-
-
-def _shortcuts() -> list[str]:
-    return list(SHORTCUTS)
-
-
-def _mlp_norms() -> list[str]:
-    from ..models.mlp import NORMS
-
-    return list(NORMS)
-
-
-def _augments() -> list[str]:
-    from ..data.augment import AUGMENTS
-
-    return ["auto", *AUGMENTS]
-
-
-def _normalizations() -> list[str]:
-    return ["auto", "dataset", "computed", "none"]
-
-
-def _compile_modes() -> list[str]:
-    return list(COMPILE_MODES)
+def names(source, *, auto: bool = False, first: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> Callable[[], list[str]]:
+    """The allowed values of a key, read from ``source`` when asked: a registry has grown once plugins are loaded."""
+    return lambda: [*(("auto",) if auto else ()), *first, *(n for n in source if n not in skip)]
 
 
 @dataclass
 class TrainConfig:
     # -- data ------------------------------------------------------------------
     dataset: str = option(
-        "bundled_mnist", "dataset (bundled_mnist: the real-MNIST subset shipped with the package)", choices=_datasets)
+        "bundled_mnist", "dataset (bundled_mnist: the real-MNIST subset shipped with the package)", choices=names(DATASETS))
     data_dir: str | None = option(
         None, "folder holding the dataset (CIFAR archive or folder, MNIST IDX files, ImageNet train/ and val/)", role="runtime")
     download: bool = option(
@@ -150,60 +86,60 @@ class TrainConfig:
     augment: str = option(
         "auto", "training augmentation: none, flip, crop (pad 4 + random crop), crop_flip (CIFAR's), imagenet (random-resized "
         "crop + flip, folders only); auto: the dataset's own (none for MNIST, crop_flip for CIFAR, imagenet for ImageNet; "
-        "folders: imagenet, or crop_flip for images under 96 px)", choices=_augments)
+        "folders: imagenet, or none for images under 96 px)", choices=names(AUGMENTS, auto=True))
     normalize: str = option(
         "auto", "input normalization: dataset (the named dataset's mean/std), computed (the training images' own, from a "
         "fixed sample, recorded in env.json), none (pixels / 255); auto: dataset, computed for imagefolder",
-        choices=_normalizations)
+        choices=names(NORMALIZATIONS, auto=True))
     resize_size: int | None = option(
         None, "evaluation resize of folder datasets before the centre crop (default image_size * 256 / 224)")
     # -- model -------------------------------------------------------------------
-    model: str = option("mlp", "model (CIFAR ResNets 20/32/56, ImageNet ResNet-50 v1.5, or the MLP)", choices=_models)
+    model: str = option("mlp", "model (CIFAR ResNets 20/32/56, ImageNet ResNet-50 v1.5, or the MLP)", choices=names(MODELS))
     shortcut: str = option(
-        "B", "CIFAR ResNet shortcut: B = 1x1 conv + BN projection, A = parameter-free", choices=_shortcuts)
+        "B", "CIFAR ResNet shortcut: B = 1x1 conv + BN projection, A = parameter-free", choices=names(SHORTCUTS))
     mlp_hidden: list[int] = option(help="hidden widths of the MLP", factory=lambda: [64])
-    mlp_norm: str = option("batchnorm", "normalization after each hidden layer of the MLP", choices=_mlp_norms)
+    mlp_norm: str = option("batchnorm", "normalization after each hidden layer of the MLP", choices=names(MLP_NORMS))
     model_kwargs: dict[str, Any] = option(
         help="further keyword arguments of the model's constructor (YAML mapping; flag: key=value ...), checked against its signature",
         factory=dict)
     # -- sparsity and DST ----------------------------------------------------------
     dst: str = option(
-        "rigl", "dynamic sparse training method (dense: no masks; static: masks never change)", choices=_dst_methods)
+        "rigl", "dynamic sparse training method (dense: no masks; static: masks never change)", choices=names(DST_METHODS, first=("dense",)))
     dst_kwargs: dict[str, Any] = option(
         help="further keyword arguments of the DST method's class (YAML mapping; flag: key=value ...), checked against its signature",
         factory=dict)
     sparsity: float = option(0.9, "global sparsity S in [0, 1) over all masked weights")
-    distribution: str = option("erk", "layer densities (erk as RigL)", choices=_distributions)
+    distribution: str = option("erk", "layer densities (erk as RigL)", choices=names(DISTRIBUTIONS, skip=("custom",)))
     power_scale: float = option(1.0, "ERK exponent (1 as RigL)")
     structure: str = option(
-        "unstructured", "where active weights may be: unstructured, constant_fan_in (every neuron of a layer the same fan-in, SRigL), nm (N of every M inputs)", choices=_structures)
+        "unstructured", "where active weights may be: unstructured, constant_fan_in (every neuron of a layer the same fan-in, SRigL), nm (N of every M inputs)", choices=names(STRUCTURES))
     nm: str | None = option(None, "N:M pattern of structure nm (e.g. 2:4; the sparsity must then be 1 - N/M)")
     neuron_ablation: float | None = option(
         None, "SRigL's gamma_sal for structure constant_fan_in: neurons with fewer than gamma * k salient inputs are ablated (0.3 in SRigL)")
     dense_first: bool = option(False, "keep the first conv/linear layer dense")
     dense_last: bool = option(False, "keep the last linear layer dense")
-    init: str = option("dense", "dense (init then mask) or sparse (Evci et al. 2022 per-neuron fan-in)", choices=_inits)
+    init: str = option("dense", "dense (init then mask) or sparse (Evci et al. 2022 per-neuron fan-in)", choices=names(INITS))
     delta_t: int = option(100, "steps between topology updates")
     delta_t_batch: int | None = option(
         None, "batch size at which delta_t is given; delta_t is rescaled by delta_t_batch / batch_size (ImageNet recipe)")
     alpha: float = option(0.3, "initial drop fraction of the cosine schedule")
     t_end_fraction: float = option(0.75, "topology updates stop after this fraction of the training steps")
     growth_grad: str = option(
-        "original", "RigL growth from the original (raw) or the SparseOpt-corrected gradient", choices=_growth_gradients)
+        "original", "RigL growth from the original (raw) or the SparseOpt-corrected gradient", choices=names(GROWTH_GRADIENTS))
     keep_regrown: bool = option(
         True, "a connection dropped and regrown in the same update keeps its value and optimizer state")
     reset_optimizer_state: bool = option(True, "new connections start with zeroed optimizer moments")
     skip_update: bool = option(True, "skip the weight update of the step that changes the topology (reference RigL)")
     prune_score: str = option(
-        "auto", "which active connections are dropped: magnitude (|w|), scaled (|w| / c_i), normalized (|w| / neuron RMS); auto: scaled for sparseopt (identical to magnitude for sgd), magnitude for sparseopt_paper", choices=_prune_scores)
+        "auto", "which active connections are dropped: magnitude (|w|), scaled (|w| / c_i), normalized (|w| / neuron RMS); auto: scaled for sparseopt (identical to magnitude for sgd), magnitude for sparseopt_paper", choices=names(PRUNE_SCORES, auto=True))
     # -- optimizer -------------------------------------------------------------------
-    optimizer: str = option("sparseopt", _optimizer_help, choices=_optimizers)
+    optimizer: str = option("sparseopt", _optimizer_help, choices=names(OPTIMIZER_PRESETS))
     precondition_layers: str = option(
-        "auto", "which masked layers SparseOpt scales: normalized (those feeding a BN/LN/GN), all; auto: normalized for sparseopt, all for sparseopt_paper", choices=_precondition_layers)
+        "auto", "which masked layers SparseOpt scales: normalized (those feeding a BN/LN/GN), all; auto: normalized for sparseopt, all for sparseopt_paper", choices=names(LAYER_CHOICES, auto=True))
     scale_weight_decay: bool = option(
         False, "scale weight decay with the gradient (an L2 term in the loss) instead of adding it after the scaling")
     scale_source: str = option(
-        "auto", "SparseOpt's c_i from the following BatchNorm's running variance (bn_stats) or the fan-in (fan_in, the paper); auto: bn_stats for sparseopt, fan_in for sparseopt_paper", choices=_scale_sources)
+        "auto", "SparseOpt's c_i from the following BatchNorm's running variance (bn_stats) or the fan-in (fan_in, the paper); auto: bn_stats for sparseopt, fan_in for sparseopt_paper", choices=names(SCALE_SOURCES, auto=True))
     scale_ema: float = option(
         0.0, "exponential moving average of c_i over steps (0: c_i jumps at each mask update, as the paper)")
     undamped_growth: bool = option(False, "connections grown at the last update get max(c_i, 1) instead of c_i")
@@ -230,7 +166,7 @@ class TrainConfig:
         False, "channels-last memory format (GPU speed option; ignored on CPU)", role="runtime")
     compile: bool = option(False, "torch.compile the model (GPU speed option; ignored on CPU)", role="runtime")
     compile_mode: str = option(
-        "default", "torch.compile mode: reduce-overhead captures the step in CUDA graphs (small, launch-bound models)", role="runtime", choices=_compile_modes)
+        "default", "torch.compile mode: reduce-overhead captures the step in CUDA graphs (small, launch-bound models)", role="runtime", choices=names(COMPILE_MODES))
     cudnn_benchmark: bool = option(True, "let cuDNN pick the fastest convolution algorithms", role="runtime")
     sync_bn: bool = option(False, "SyncBatchNorm across ranks in distributed runs (CUDA only)", role="runtime")
     check_masks: bool = option(
