@@ -74,11 +74,16 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {self.names()})"
 
 
+def closest(name: object, choices: Iterable[str]) -> str | None:
+    """The choice most like ``name`` (a likely misspelling of it), or None."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
 
 def did_you_mean(name: object, choices: Iterable[str]) -> str:
     """``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    match = closest(name, choices)
+    return "" if match is None else f" (did you mean {match!r}?)"
 
 
 def _parameters(fn) -> dict[str, inspect.Parameter]:
@@ -108,6 +113,12 @@ def keyword_names(fn) -> list[str] | None:
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
             return names
     return None
+
+
+def takes_keyword(fn, name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (:func:`keyword_names`; ``**kwargs`` that go anywhere take any)."""
+    names = keyword_names(fn)
+    return names is None or name in names
 
 
 def check_keywords(fn, kwargs: dict[str, Any], what: str, reserved: dict[str, str] | None = None) -> None:

@@ -47,19 +47,15 @@ def dataset_inputs(dataset: str, data_dir, image_size: int = 28, limit: int = 10
     normalised with their own statistics (``imagefolder``) or ImageNet's; the others with their own.
     """
     from ..data import DATASETS, FOLDER_DATASETS, load_tensors
+    from ..data.augment import pixel_statistics
     from ..data.imagefolder import ImageFolder
 
     info = DATASETS[dataset]
     if dataset in FOLDER_DATASETS:
         folder = ImageFolder(data_dir, "train", train=False, image_size=image_size, resize=image_size, name=dataset,
                              augment="none")
-        pick = sorted(torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))[:limit].tolist())
-        pairs = [folder[i] for i in pick]
-        images, labels = torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
-        mean, std = info.mean, info.std
-        if dataset == "imagefolder":
-            x = images.double() / 255.0
-            mean, std = tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
+        images, labels = folder.sample(limit)
+        mean, std = pixel_statistics(images, limit)[:2] if dataset == "imagefolder" else (info.mean, info.std)
         return mnist_inputs(images, mean, std), labels
     images, labels = load_tensors(dataset, data_dir, train=True)
     return mnist_inputs(images, info.mean, info.std), labels

@@ -26,7 +26,7 @@ def ensure_writable(folder: Path) -> Path:
 
 def cmd_skew(argv: list[str]) -> int:
     from ..analysis.skew import DEFAULT_SPARSITIES, NORM_CHOICES, dataset_inputs, run_skew
-    from ..data import DATASETS, FOLDER_DATASETS
+    from ..data import DATASETS
 
     p = argparse.ArgumentParser(allow_abbrev=False, prog="sparseopt skew", description="BN gradient skew of a sparse layer (paper Fig. 2, appendix D/E.3).")
     p.add_argument("--dataset", choices=list(DATASETS), default="bundled_mnist",
@@ -51,8 +51,7 @@ def cmd_skew(argv: list[str]) -> int:
         args.dataset = "bundled_mnist"
     if args.dataset != "bundled_mnist" and not args.data_dir:
         p.error(f"--dataset {args.dataset} needs --data-dir (only an MNIST subset is bundled)")
-    image_size = args.image_size if args.dataset in FOLDER_DATASETS else None
-    inputs, labels = dataset_inputs(args.dataset, args.data_dir, image_size or 28)
+    inputs, labels = dataset_inputs(args.dataset, args.data_dir, args.image_size)  # the size matters for folders only
     print(f"skew: {args.dataset}, {len(labels)} training images of {inputs.shape[1]} inputs", flush=True)
     with Progress(1, "skew", enabled=not args.quiet, lines=True) as bar:
         def progress(done, total):

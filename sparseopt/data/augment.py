@@ -48,6 +48,12 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     return out
 
 
+def pixel_statistics(images: torch.Tensor, n: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Per-channel (mean, std) in [0, 1] of the first ``n`` images of a uint8 (N, C, H, W) tensor, and the count."""
+    x = images[:n].double() / 255.0
+    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()), x.shape[0]
+
+
 class Normalize:
     """uint8-range pixels -> ``(x / 255 - mean) / std`` on the device, optionally channels-last.
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .augment import Normalize
+from .augment import Normalize, pixel_statistics
 from .errors import DatasetError
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -136,15 +136,19 @@ class ImageFolder(Dataset):
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), label
 
-    def pixel_statistics(self, n: int = 512) -> tuple[tuple[float, ...], tuple[float, ...], int]:
-        """Per-channel (mean, std) in [0, 1] over a fixed random sample of ``n`` images, unaugmented; and the count."""
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed random sample of ``n`` images (uint8, unaugmented) and their labels."""
         train, self.train = self.train, False
         try:
-            pick = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(0))[:n].tolist()
-            x = torch.stack([self[i][0] for i in sorted(pick)]).double() / 255.0
+            pick = sorted(torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(0))[:n].tolist())
+            pairs = [self[i] for i in pick]
         finally:
             self.train = train
-        return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()), len(pick)
+        return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
+
+    def pixel_statistics(self, n: int = 512) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+        """Per-channel (mean, std) in [0, 1] over a fixed random sample of ``n`` images, unaugmented; and the count."""
+        return pixel_statistics(self.sample(n)[0], n)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -28,7 +28,7 @@ from ..masks.maskset import MaskSet
 from .clip import clip_grad_norm_of
 from .norms import NORM_TYPES, channel_dim, norm_group_size, removes_skew
 from .preconditioner import gradient_multiplier, neuron_scales, smooth_scales
-from .scales import SCALE_SOURCES, ScaleInput, ScaleSource, make_scale_source, mean_over_ranks  # noqa: F401
+from .scales import ScaleInput, ScaleSource, make_scale_source
 from .wrapper import OptimizerWrapper, foreach_add_, foreach_mul_, grads_of
 
 LAYER_CHOICES = ("all", "normalized")

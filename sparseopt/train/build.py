@@ -21,7 +21,7 @@ from ..models import MODELS, build_model, config_options
 from ..optim import HAM, SparseOpt
 from ..optim.clip import ClipGradNorm
 from ..optim.presets import OPTIMIZER_PRESETS
-from ..registry import keyword_names
+from ..registry import takes_keyword
 from ..topology import DST_METHODS, Static
 from .config import TrainConfig
 
@@ -59,12 +59,9 @@ def model_spec(cfg: TrainConfig, num_classes: int | None = None) -> ModelSpec:
     if cfg.dataset in FOLDER_DATASETS:
         size = cfg.image_size or in_shape[1]
         in_shape = (in_shape[0], size, size)
-    options = config_options(MODELS[cfg.model])
-    kwargs = {param: getattr(cfg, key) for param, key in options.items()}
+    # (validate() refuses model_kwargs that name one of these: the flag sets it.)
+    kwargs = {param: getattr(cfg, key) for param, key in config_options(MODELS[cfg.model]).items()}
     kwargs = {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    for key in cfg.model_kwargs:
-        if key in kwargs:
-            raise ValueError(f"model_kwargs {key!r} of model {cfg.model!r} is set by --{options[key].replace('_', '-')}")
     return ModelSpec(cfg.model, num_classes, tuple(in_shape), {**kwargs, **cfg.model_kwargs})
 
 
@@ -115,24 +112,19 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
         scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
     )
     updater = DST_METHODS[cfg.dst]
-    kwargs = {**topology_options(cfg, updater, total_steps), **cfg.dst_kwargs}
+    kwargs = {**topology_options(cfg, updater, total_steps, method["prune_score"]), **cfg.dst_kwargs}
     return RunObjects(model, masks, optimizer, updater(masks, optimizer, **kwargs))
 
 
-def topology_options(cfg: TrainConfig, updater: type, total_steps: int) -> dict[str, object]:
+def topology_options(cfg: TrainConfig, updater: type, total_steps: int, prune_score: str) -> dict[str, object]:
     """The config keys an updater class takes, by its signature (a static updater takes none of them)."""
     options = dict(
         delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
         total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
-        skip_update=cfg.skip_update, prune_score=resolve_method(cfg)["prune_score"], seed=cfg.seed,
+        skip_update=cfg.skip_update, prune_score=prune_score, seed=cfg.seed,
         growth_gradient=cfg.growth_grad, neuron_ablation=cfg.neuron_ablation,
     )
-    return {k: v for k, v in options.items() if accepts_option(updater, k)}
-
-
-def accepts_option(updater: type, name: str) -> bool:
-    names = keyword_names(updater)
-    return names is None or name in names
+    return {k: v for k, v in options.items() if takes_keyword(updater, k)}
 
 
 # The updater options the config sets itself, and the flag that sets each: not allowed in dst_kwargs.

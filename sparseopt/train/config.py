@@ -35,8 +35,8 @@ from ..topology.updaters import DST_METHODS, GROWTH_GRADIENTS
 ROLES = ("method", "run", "runtime")
 # torch.compile's modes (torch.compile(mode=...)).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# SparseOpt's options: they do nothing for an optimizer preset that does not precondition.
 NORMALIZATIONS = ("dataset", "computed", "none")  # --normalize (sparseopt.train.data)
+# SparseOpt's options: they do nothing for an optimizer preset that does not precondition.
 PRECONDITIONER_KEYS = ("precondition_layers", "scale_source", "scale_ema", "undamped_growth")
 
 
@@ -57,7 +57,6 @@ def option(default: Any = dataclasses.MISSING, help: str | Callable[[], str] = "
     return field(default=default, metadata=metadata)
 
 
-# Where each named choice is defined (imported when asked: the registries may have grown by plugins since).
 def _optimizer_help() -> str:
     return "; ".join(f"{p.name}: {p.help}" for _, p in OPTIMIZER_PRESETS.items())
 
@@ -250,9 +249,9 @@ class TrainConfig:
     def _check_method_options(self) -> None:
         """Refuse options this method would ignore: recorded, they would split identical runs into report groups."""
         from ..models import MODELS, config_options
-        from ..registry import check_keywords
+        from ..registry import check_keywords, takes_keyword
         from ..topology import DST_METHODS
-        from .build import TOPOLOGY_FLAGS, accepts_option
+        from .build import TOPOLOGY_FLAGS
 
         if self.dst == "dense" and self.optimizer != "sgd":
             raise ValueError(f"dst=dense has no masks to precondition, so optimizer={self.optimizer} means nothing there: "
@@ -270,7 +269,7 @@ class TrainConfig:
                                  "--optimizer sparseopt")
         if self.dst != "dense":
             updater = DST_METHODS[self.dst]
-            if self.growth_grad != "original" and not accepts_option(updater, "growth_gradient"):
+            if self.growth_grad != "original" and not takes_keyword(updater, "growth_gradient"):
                 raise ValueError(f"growth_grad={self.growth_grad!r} chooses the gradient RigL grows by; dst={self.dst} "
                                  "does not grow by a gradient: leave --growth-grad at original")
             check_keywords(updater, self.dst_kwargs, f"dst {self.dst!r} ({updater.__name__})",
@@ -362,14 +361,12 @@ def _base_type(tp):
 
 def unknown_key_message(name: str, flag: bool = False) -> str:
     """One line for an unknown key: the closest valid one, or where the list of keys is."""
-    from ..registry import did_you_mean
+    from ..registry import closest
 
-    spell = (lambda k: "--" + k.replace("_", "-")) if flag else (lambda k: k)
-    hint = did_you_mean(name.lstrip("-").replace("-", "_"), FIELDS)
-    if hint:
-        hint = hint.replace(hint.split("'")[1], spell(hint.split("'")[1]))
+    match = closest(name.lstrip("-").replace("-", "_"), FIELDS)
+    hint = "" if match is None else f" (did you mean {('--' + match.replace('_', '-')) if flag else match!r}?)"
     where = "`sparseopt train --help` lists them" if flag or hint else f"valid keys: {', '.join(sorted(FIELDS))}"
-    return f"unknown {'option' if flag else 'config key'} {spell(name) if not flag else name!r}{hint}; {where}"
+    return f"unknown {'option' if flag else 'config key'} {name!r}{hint}; {where}"
 
 
 def coerce(name: str, value: Any) -> Any:

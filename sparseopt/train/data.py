@@ -19,7 +19,7 @@ from ..data import (
     load_tensors,
     subset,
 )
-from ..data.augment import AUGMENTS, Normalize
+from ..data.augment import AUGMENTS, Normalize, pixel_statistics
 from ..messages import plural
 from .config import TrainConfig
 from .distributed import DistEnv
@@ -85,15 +85,10 @@ def normalize_mode(cfg: TrainConfig) -> str:
     return "computed" if cfg.dataset == "imagefolder" else "dataset"
 
 
-def pixel_statistics(images: torch.Tensor, n: int = 10_000) -> tuple[tuple[float, ...], tuple[float, ...], int]:
-    """Per-channel (mean, std) in [0, 1] of the first ``n`` images of a uint8 (N, C, H, W) tensor, and the count."""
-    x = images[:n].double() / 255.0
-    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist()), x.shape[0]
-
-
 def statistics_note(cfg: TrainConfig, mean, std) -> str | None:
     """A warning when data read as a named dataset does not have its statistics (another dataset in its format)."""
     info = DATASETS[cfg.dataset]
+    # A mean 0.02 away (MNIST 0.131, KMNIST 0.19) or a std 8% away; two datasets of one format differ by more.
     off = max(max(abs(a - b) for a, b in zip(mean, info.mean)), max(abs(a - b) / b for a, b in zip(std, info.std)) / 4)
     if off < 0.02:
         return None

@@ -26,6 +26,7 @@ from .io import atomic_write, environment, jsonl_lines, read_metrics, save_check
 from .naming import run_name
 from .run_folder import MARKER, RunLock, clear_run_folder, write_marker
 from .runtime import open_loggers
+from .stopping import Interrupted
 
 
 def planned_updates(topology) -> int:
@@ -188,7 +189,7 @@ def run_results(cfg: TrainConfig, out: Path, last: dict[str, Any], *, epoch: int
 
 def ended_results(cfg: TrainConfig, error: Exception, epoch: int, seconds: float, hint: str) -> dict[str, Any]:
     """``results.json`` of a run that diverged (NonFiniteLoss) or was stopped by a signal."""
-    interrupted = hasattr(error, "signum")
+    interrupted = isinstance(error, Interrupted)
     return {"status": "interrupted" if interrupted else "diverged", "error": str(error), "epochs_completed": epoch,
             "method": cfg.method(), "seconds": seconds, **({"resume": hint} if interrupted else {})}
 

@@ -194,7 +194,7 @@ def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     if checkpoint and not cfg.overwrite:
         raise FileExistsError(f"output folder {out} holds a run: pass --resume to continue it or --overwrite to replace it")
     foreign = foreign_entries(out) if ours else []
-    if foreign and (checkpoint or content):
+    if foreign:
         raise ValueError(f"--out {out} is a sparseopt run folder that also holds {listing(foreign, 8)}: sparseopt does not "
                          "delete what it did not write; move them, or choose another --out")
     return out, False  # new, or a run that stopped before its first checkpoint: the same command starts it again
