@@ -12,6 +12,7 @@ Typical use::
         opt.step()
 """
 
+from . import native
 from .deploy import export_sparse, load_sparse, sparse_inference
 from .masks import (
     DISTRIBUTIONS,
@@ -73,6 +74,7 @@ __all__ = [
     "erk_densities",
     "export_sparse",
     "load_sparse",
+    "native",
     "sparse_inference",
     "fan_in",
     "ham_update_",

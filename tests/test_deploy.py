@@ -124,7 +124,8 @@ def test_mlp_and_a_user_model_round_trip(tmp_path):
     model = _trained_like(user_model())
     masks = sparseopt.sparsify(model, 0.8)
     summary, fast = _round_trip(model, masks, x[:4], tmp_path, fresh=user_model)
-    assert fast.sparse_report["kept_dense"] == ["3"]  # the grouped conv runs dense
+    assert fast.sparse_report["kept_dense"] == ["3"]  # the grouped conv runs dense, and says why
+    assert fast.sparse_report["kept_dense_reasons"]["3"].startswith("grouped convolution (groups=2)")
     with pytest.raises(ValueError, match=r"not registered \(Sequential\); pass it: load_sparse\(path, model=Sequential"):
         sparseopt.load_sparse(tmp_path / "model.sparse.pt")
 
@@ -146,8 +147,9 @@ def test_kernels_and_the_per_layer_choice(tmp_path):
     assert set(whole) == {"sparse", "sparse_channels_last", "dense", "dense_channels_last"}
     fastest = min(whole, key=whole.get)
     assert report["layout"] == ("channels_last" if fastest.endswith("channels_last") else "contiguous")
+    compiled = {"direct"} if sparseopt.native.load()[1] is not None else set()
     for name, layer in report["layers"].items():
-        assert set(layer["ms"]) == {"dense", "csr", "condensed"}
+        assert set(layer["ms"]) == {"dense", "csr", "condensed"} | compiled
         # the fastest kernel of each layer, dense included; all dense when the dense model won as a whole
         expected = "dense" if fastest.startswith("dense") else min(layer["ms"], key=layer["ms"].get)
         assert layer["kernel"] == expected, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -75,4 +76,35 @@ def cmd_bench_infer(argv: list[str]) -> int:
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_kernels(argv: list[str]) -> int:
+    from ..native import build
+
+    p = argparse.ArgumentParser(prog="sparseopt kernels", allow_abbrev=False,
+                                description="Which compiled kernel path is active and why; builds the kernels "
+                                            "on first use. SPARSEOPT_NATIVE=0 switches them off, SPARSEOPT_SIMD="
+                                            "avx2|portable caps the SIMD path, SPARSEOPT_CACHE moves the cache.")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.add_argument("--rebuild", action="store_true", help="delete this machine's cached build first")
+    args = p.parse_args(argv)
+    if args.rebuild:
+        build.clear_cache()
+    backend = build.load(warn=False)[0]
+    if args.json:
+        print(json.dumps(backend.as_dict(), indent=1))
+        return 0
+    cpu = backend.cpu
+    print(f"path:     {backend.path}" + ("" if backend.available else " (torch's kernels: csr, condensed, dense)"))
+    print(f"why:      {backend.reason}")
+    print(f"cpu:      {cpu.get('model')} ({cpu.get('machine')}); SIMD flags: {' '.join(cpu.get('simd', [])) or 'none'}")
+    if backend.compiler:
+        print(f"compiler: {backend.compiler} ({backend.compiler_version})")
+        print(f"flags:    {' '.join(backend.flags)}")
+        print(f"cache:    {backend.cache_dir}")
+    if backend.build_seconds is not None:
+        print(f"build:    {backend.build_seconds:.2f} s " + ("(built now)" if backend.built_now else "(cached)"))
+    if backend.available and backend.best_path != backend.path:
+        print(f"best:     {backend.best_path} (capped by SPARSEOPT_SIMD)")
     return 0

@@ -73,6 +73,10 @@ def bench_inference(
             "kernel_counts": {k: kernels.count(k) for k in sorted(set(kernels))},
             "layers": report["layers"],
             "kept_dense": report["kept_dense"],
+            "kept_dense_reasons": report["kept_dense_reasons"],
+            "fusion": report.get("fusion"),
+            "weight_memory": report.get("weight_memory"),
+            "backend": report["backend"],
             "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                         "torch": str(torch.__version__), "mkl": torch.backends.mkl.is_available()},
         }

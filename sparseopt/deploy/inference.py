@@ -9,15 +9,19 @@ What it does to a copy of the model (the original is left as it is):
    that runs one of the kernels of :mod:`sparseopt.deploy.kernels`, chosen per layer by
    timing them all, the dense one included, on that layer's input from
    ``example_input`` (``choose="time"``), so that no layer is slower than dense at that
-   batch size; or forced (``choose="csr"`` etc., for tests and benchmarks);
-3. the whole converted model is timed in the contiguous and channels-last layouts,
+   batch size; or forced (``choose="csr"`` etc., for tests and benchmarks); a layer no
+   sparse kernel takes stays dense, with the reason in the report;
+3. the ReLUs, residual adds and paddings that follow layers on the compiled ``direct`` kernel
+   move into their epilogues (:mod:`sparseopt.deploy.fusion`);
+4. the whole converted model is timed in the contiguous and channels-last layouts,
    against the all-dense folded model in both, and the fastest is kept;
-4. the outputs of the copy and the original on ``example_input`` are compared; a
+5. the outputs of the copy and the original on ``example_input`` are compared; a
    difference beyond float rounding is an error (a BatchNorm folded although the layer's
    output is used elsewhere, say), never a silently different model.
 
-The result carries ``model.sparse_report``: per layer the kernel chosen and the timings,
-and the measured ``max_abs_diff``.
+The result carries ``model.sparse_report``: per layer the kernel chosen and the timings, the
+layers kept dense and why, the fused epilogues, the weight memory, the compiled backend, and the
+measured ``max_abs_diff``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import torch
 from torch import nn
 
 from ..masks.maskset import MaskSet
-from .kernels import KERNELS, SparseConv2d, SparseLinear, time_alternating
+from ..native import build as native_build
+from .fusion import fuse_epilogues
+from .kernels import KERNELS, SparseConv2d, SparseLinear, time_alternating, unsupported
 
 FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -118,8 +124,9 @@ class SparseModel(nn.Module):
         return self.net(x)
 
 
-def _convert(model: nn.Module, masks: MaskSet, names: list[str], kernels: dict[str, str]) -> nn.Module:
-    """A copy of the folded ``model`` with each named layer replaced by its sparse module running ``kernels[name]``.
+def _convert(model: nn.Module, masks: MaskSet, names: list[str], kernels: dict[str, str]) -> tuple[nn.Module, dict]:
+    """``(copy, fusion report)``: the folded ``model`` with each named layer replaced by its sparse module
+    running ``kernels[name]``, and the epilogues of the direct ones fused.
 
     A layer whose kernel is ``dense`` stays the folded ``nn.Conv2d`` / ``nn.Linear`` itself: no wrapper's call overhead.
     """
@@ -129,7 +136,20 @@ def _convert(model: nn.Module, masks: MaskSet, names: list[str], kernels: dict[s
         wrapper = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
         parent, attr = _parent(model, name)
         setattr(parent, attr, wrapper(module, module.weight_mask, kernels[name]))
-    return model
+    return fuse_epilogues(model)
+
+
+def _weight_memory(model: nn.Module, masks: MaskSet) -> dict[str, Any]:
+    """Bytes of the masked layers' weights as the model holds them, against their dense fp32 size."""
+    dense = sum(layer.module.weight.numel() * 4 for layer in masks if layer.param == "weight")
+    held = 0
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))}
+    for layer in masks:
+        if layer.param != "weight":
+            continue
+        module = next((m for n, m in sparse.items() if n.removeprefix("net.") == layer.name), None)
+        held += module.weight_bytes if module is not None else layer.module.weight.numel() * 4
+    return {"dense_bytes": dense, "bytes": held, "ratio": held / dense if dense else 1.0}
 
 
 def sparse_inference(
@@ -154,6 +174,10 @@ def sparse_inference(
         raise ValueError(f"unknown choose={choose!r}; choose 'time' or one of {list(KERNELS)}")
     if masks.model is not model:
         raise ValueError("masks belong to another model")
+    dtypes = sorted({str(layer.module.weight.dtype).removeprefix("torch.") for layer in masks} - {"float32"})
+    if dtypes:
+        raise ValueError(f"sparse_inference takes float32 models; this one has {', '.join(dtypes)} weights: convert "
+                         f"it with model.float() first (the sparse kernels compute in float32), or keep it dense")
     original = model
     model = copy.deepcopy(model).eval()
     example_input = example_input.detach()
@@ -162,17 +186,21 @@ def sparse_inference(
         reference = original.eval()(example_input) if check else None
     original.train(was_training)
     folded = fold_batchnorm(model, example_input)
-    names = [layer.name for layer in masks
-             if layer.param == "weight" and type(layer.module) in (nn.Conv2d, nn.Linear)
-             and getattr(layer.module, "groups", 1) == 1 and getattr(layer.module, "padding_mode", "zeros") == "zeros"]
+    reasons: dict[str, str] = {}
+    for layer in masks:
+        module = model.get_submodule(layer.name)
+        if layer.param != "weight" or type(module) not in (nn.Conv2d, nn.Linear):
+            reasons[layer.name] = f"{type(module).__name__}.{layer.param}: no sparse kernel for this layer type"
+        elif (why := unsupported(module)) is not None:
+            reasons[layer.name] = why
+    names = [layer.name for layer in masks if layer.name not in reasons]
     inputs = _capture_inputs(model, names, example_input)
-    report: dict[str, Any] = {"folded": folded, "layers": {}, "kept_dense": [
-        layer.name for layer in masks if layer.name not in names]}
     kernels: dict[str, str] = {}
+    report: dict[str, Any] = {"folded": folded, "layers": {}, "backend": native_build.backend().as_dict()}
     for name in names:
         module = model.get_submodule(name)
-        if name not in inputs:  # a layer the forward pass never reached
-            report["kept_dense"].append(name)
+        if name not in inputs:
+            reasons[name] = "the forward pass of example_input never reached it"
             continue
         mask = module.weight_mask
         wrapper = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
@@ -188,11 +216,15 @@ def sparse_inference(
         kernels[name] = min(timings, key=timings.get) if timings else candidates[0]
         report["layers"][name] = {"kernel": kernels[name], "ms": {k: round(v * 1e3, 4) for k, v in timings.items()},
                                   "density": float(mask.float().mean())}
+    report["kept_dense"] = list(reasons)
+    report["kept_dense_reasons"] = reasons
     names = list(kernels)
     layouts = (False, True) if choose == "time" and example_input.dim() == 4 else (False,)
     options = [("sparse", cl) for cl in layouts] + ([("dense", cl) for cl in layouts] if choose == "time" else [])
-    built = {(kind, cl): SparseModel(_convert(model, masks, names, kernels if kind == "sparse" else
-                                               dict.fromkeys(names, "dense")), cl) for kind, cl in options}
+    built, fusion = {}, {}
+    for kind, cl in options:
+        net, fusion[kind] = _convert(model, masks, names, kernels if kind == "sparse" else dict.fromkeys(names, "dense"))
+        built[(kind, cl)] = SparseModel(net, cl)
     if len(built) > 1:
         with torch.inference_mode():
             seconds = time_alternating({key: (lambda m=m: m(example_input)) for key, m in built.items()}, 2 * repeats + 1,
@@ -207,6 +239,8 @@ def sparse_inference(
         for layer in report["layers"].values():
             layer["kernel"] = "dense"
     report["layout"] = "channels_last" if channels_last else "contiguous"
+    report["fusion"] = fusion[kind]
+    report["weight_memory"] = _weight_memory(result, masks)
     if check:
         with torch.inference_mode():
             out = result(example_input)

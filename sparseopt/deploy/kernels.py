@@ -7,7 +7,11 @@
   patches ``(C * kh * kw, B * L)`` for Conv2d (no copy for a 1x1 stride-1 conv);
 * ``condensed``: for constant fan-in layers (every neuron ``k`` inputs), the weight as
   dense ``(out, k)`` values and input indices; the output is a gather of ``k`` input
-  rows per neuron and a weighted sum (the condensed layer of SRigL, Lasby et al. 2024).
+  rows per neuron and a weighted sum (the condensed layer of SRigL, Lasby et al. 2024);
+* ``direct``: the compiled direct sparse convolution of :mod:`sparseopt.native` (no patch
+  matrix; bias, residual add and ReLU in its epilogue), where the kernels could be built.
+
+:func:`unsupported` says why a layer cannot run sparse at all (it then stays dense).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNELS = ("dense", "csr", "condensed")
+from ..native import conv as native
+
+KERNELS = ("dense", "csr", "condensed", "direct")
 
 
 def patches(x: torch.Tensor, kernel, stride, padding, dilation) -> tuple[torch.Tensor, int, int]:
@@ -75,8 +81,24 @@ def _constant_fan_in(mask: torch.Tensor) -> bool:
     return bool(counts[0] > 0) and bool((counts == counts[0]).all())
 
 
+def unsupported(module: nn.Module) -> str | None:
+    """Why ``module`` must stay dense, or None when the sparse kernels take it (float32 is checked per model)."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return (f"grouped convolution (groups={module.groups}): "
+                    f"{'depthwise layers have' if module.groups == module.in_channels else 'each group has'} "
+                    f"too few inputs per output for a sparse kernel to pay; kept dense")
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}: only zero padding is supported"
+    return None
+
+
 class _SparseLayer(nn.Module):
-    """Holds one representation of a folded masked weight (dense, CSR or condensed) and its bias."""
+    """Holds one representation of a folded masked weight (dense, CSR, condensed or direct) and its bias.
+
+    ``relu`` and a ``residual`` argument of ``forward`` form the epilogue that
+    :func:`sparseopt.deploy.fusion.fuse_epilogues` moves into the layer: ``relu(layer(x) + residual)``.
+    """
 
     def __init__(self, module: nn.Module, mask: torch.Tensor, kernel: str):
         super().__init__()
@@ -85,8 +107,13 @@ class _SparseLayer(nn.Module):
         weight = (module.weight.detach() * mask).contiguous()
         self.kernel = kernel
         self.out_features = weight.shape[0]
+        self.relu = False
         self.register_buffer("bias", None if module.bias is None else module.bias.detach().clone())
-        if kernel == "dense":
+        if kernel == "direct":
+            self.direct = native.DirectWeight(weight, mask)
+            for name in ("values", "columns", "rowptr"):  # buffers, so .to() and state_dict see them
+                self.register_buffer(name, getattr(self.direct, name))
+        elif kernel == "dense":
             self.register_buffer("weight", weight)
         elif kernel == "csr":
             with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are tested
@@ -99,7 +126,25 @@ class _SparseLayer(nn.Module):
 
     @classmethod
     def candidates(cls, module: nn.Module, mask: torch.Tensor) -> list[str]:
-        return ["dense", "csr", *(["condensed"] if _constant_fan_in(mask) else [])]
+        return ["dense", "csr", *(["condensed"] if _constant_fan_in(mask) else []),
+                *(["direct"] if native.available() else [])]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of this layer's weight representation (values and positions; the bias not counted)."""
+        if self.kernel == "direct":
+            return self.direct.nbytes
+        if self.kernel == "condensed":
+            return self.values.numel() * 4 + self.index.numel() * self.index.element_size()
+        if self.kernel == "csr":
+            w = self.weight
+            return sum(t.numel() * t.element_size() for t in (w.values(), w.col_indices(), w.crow_indices()))
+        return self.weight.numel() * self.weight.element_size()
+
+    def _epilogue(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.relu else y
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``W @ x`` for ``x`` of shape ``(in, N)``: ``(out, N)``."""
@@ -110,7 +155,7 @@ class _SparseLayer(nn.Module):
         return torch.einsum("ok,okn->on", self.values, gathered)
 
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, out={self.out_features}"
+        return f"kernel={self.kernel}, out={self.out_features}" + (", relu" if self.relu else "")
 
 
 class SparseLinear(_SparseLayer):
@@ -118,14 +163,20 @@ class SparseLinear(_SparseLayer):
         super().__init__(module, mask, kernel)
         self.in_features = module.in_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel == "direct" and residual is None:
+            return native.linear(x, self.direct, self.bias, relu=self.relu)
         if self.kernel == "dense":
-            return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
-        y = self._matmul(x.reshape(-1, self.in_features).t()).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            return self._epilogue(F.linear(x, self.weight, self.bias), residual)
+        if self.kernel == "direct":
+            y = native.linear(x, self.direct, self.bias)
+        else:
+            lead = x.shape[:-1]
+            y = self._matmul(x.reshape(-1, self.in_features).t()).t()
+            if self.bias is not None:
+                y = y + self.bias
+            y = y.reshape(*lead, self.out_features)
+        return self._epilogue(y, residual)
 
 
 class SparseConv2d(_SparseLayer):
@@ -134,14 +185,25 @@ class SparseConv2d(_SparseLayer):
         self.kernel_size, self.stride = module.kernel_size, module.stride
         self.padding, self.dilation = module.padding, module.dilation
         self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding in ((0, 0), "valid")
+        self.out_padding = (0, 0)  # set by fuse_epilogues: write into the zero-padded layout the next layer reads
 
     @classmethod
     def candidates(cls, module: nn.Conv2d, mask: torch.Tensor) -> list[str]:
         if isinstance(module.padding, str) and module.padding != "valid":
             return ["dense"]  # "same" padding: the unfold lowering needs explicit pads
-        return super().candidates(module, mask)
+        names = super().candidates(module, mask)
+        if module.dilation != (1, 1) or not 1 <= max(module.kernel_size) <= 7:
+            names = [k for k in names if k != "direct"]  # the direct kernel: dilation 1, kernels 1 to 7
+        return names
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel == "direct":
+            padding = (0, 0) if self.padding == "valid" else self.padding
+            return native.conv2d(x, self.direct, self.bias, self.kernel_size, self.stride, padding,
+                                 residual=residual, relu=self.relu, out_padding=self.out_padding)
+        return self._epilogue(self._forward(x), residual)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dense":
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         batch = x.shape[0]
