@@ -54,4 +54,5 @@ def test_inference_benchmark_rehearsal(tmp_path):
     for r in rows:
         assert r["max_abs_diff"] < 1e-5 and r["dense_ms"] > 0 and r["sparse_ms"] > 0
         assert len(r["layers"]) == 22  # every conv and the classifier of ResNet-20
-    assert "| resnet20 | 0.98 | constant_fan_in | 2 | 1 |" in out
+    assert "| resnet20 | 0.98 | erk | constant_fan_in | 2 | 1 |" in out
+    assert json.loads((tmp_path / "infer.json").read_text())["backend"]["path"] in ("avx512", "avx2", "portable", "torch")

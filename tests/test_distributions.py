@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import sparseopt
@@ -92,6 +92,7 @@ shapes_st = st.lists(
 
 @settings(max_examples=150, deadline=None)
 @given(shapes=shapes_st, sparsity=st.floats(0.0, 0.99), dist=st.sampled_from(["uniform", "er", "erk"]))
+@example(shapes=[(10, 23)], sparsity=0.25, dist="er")  # a budget of 172.5: float noise picks the side of the tie
 def test_integer_counts_exact(shapes, sparsity, dist):
     names = [f"l{i}" for i in range(len(shapes))]
     densities = layer_densities(names, shapes, sparsity, dist)
@@ -101,5 +102,7 @@ def test_integer_counts_exact(shapes, sparsity, dist):
     for c, d, n in zip(counts, densities, numels):
         assert 1 <= c <= n
         assert abs(c - d * n) <= 1.0 + 1e-9 or c == 1
-    # Exact unless a layer had to be raised to its minimum of one weight.
-    assert abs(sum(counts) - target) <= sum(1 for c, d, n in zip(counts, densities, numels) if d * n < 1)
+    # Exact unless a layer had to be raised to its minimum of one weight, or the budget is a tie at .5, where
+    # the densities' last bit (0.7500000000000001 * 230) decides the rounding.
+    tie = abs((1 - sparsity) * sum(numels) % 1 - 0.5) < 1e-9
+    assert abs(sum(counts) - target) <= sum(1 for c, d, n in zip(counts, densities, numels) if d * n < 1) + tie

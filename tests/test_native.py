@@ -157,7 +157,8 @@ def test_whole_models_on_the_direct_kernel_give_the_masked_outputs(native, name,
     assert 0 < memory["ratio"] <= 0.15, memory  # values + positions at 95%
     if name != "mlp":
         fused = report["fusion"]["fused"]
-        assert all("relu" in what for what in fused.values())
+        assert all("relu" in what for layer, what in fused.items() if layer != "maxpool")
+        assert fused.get("maxpool") == (["native max pool"] if name == "resnet50" else None)
         assert sum("residual" in what for what in fused.values()) == (9 if name == "resnet20" else 16)
         if name == "resnet20":  # every block's conv1 writes the zero border its conv2 reads
             assert all("out_padding=1" in fused[f"layer{s}.{b}.conv1"] for s in (1, 2, 3) for b in range(3))
@@ -206,6 +207,16 @@ def test_fusion_keeps_a_layer_used_twice_and_a_shared_output_apart(native):
     with torch.inference_mode():
         assert _relative_error(fast(x), model(x)) <= TOLERANCE
     assert fuse_epilogues(nn.Sequential(nn.Linear(2, 2)))[1]["note"] == "no layer runs the direct kernel"
+
+
+def test_native_max_pool_equals_torchs(native):
+    g = torch.Generator().manual_seed(0)
+    for k, s, p in [(3, 2, 1), (2, 2, 0), (3, 1, 1), (5, 3, 2), (1, 1, 0), (3, 2, 0)]:
+        x = torch.randn(2, 5, 13, 11, generator=g)
+        x[0, 1, 4, 4] = float("nan")  # NaN wins, as in torch
+        for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(conv.max_pool2d(layout, (k, k), (s, s), (p, p)).nan_to_num(nan=7.0),
+                               F.max_pool2d(x, k, s, p).nan_to_num(nan=7.0)), (k, s, p)
 
 
 def test_half_precision_is_one_clear_line():

@@ -217,3 +217,30 @@ class SparseConv2d(_SparseLayer):
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1)
         return y.reshape(batch, self.out_features, h, w)
+
+
+class NativeMaxPool2d(nn.Module):
+    """``nn.MaxPool2d`` on the compiled kernel, for the NCHW activations the direct kernel writes.
+
+    torch's NCHW max pooling branches on the data and runs 8x slower than this one here (ResNet-50's
+    stem: 4.6 ms against 0.56 ms on one thread), more than the sparse convolutions around it.
+    """
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+        self.kernel_size, self.padding = pair(pool.kernel_size), pair(pool.padding)
+        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+
+    @staticmethod
+    def supports(pool: nn.Module) -> bool:
+        return (type(pool) is nn.MaxPool2d and not pool.ceil_mode and not pool.return_indices
+                and pool.dilation in (1, (1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 4:
+            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return native.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-ABI_VERSION = 1  # must equal SPARSEOPT_ABI_VERSION in csrc/sparse_conv.c
+ABI_VERSION = 3  # must equal SPARSEOPT_ABI_VERSION in csrc/sparse_conv.c
 SOURCES = ("sparse_conv.c",)
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fno-strict-aliasing")
 PATHS = ("portable", "avx2", "avx512")  # index = the C code's path number
@@ -139,8 +139,8 @@ def _open(library: Path) -> ctypes.CDLL:
     lib.sparseopt_sconv.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.sparseopt_pack.restype = None
     lib.sparseopt_pack.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 15 + [ctypes.c_void_p, ctypes.c_int64]
-    lib.sparseopt_zero_border.restype = None
-    lib.sparseopt_zero_border.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 8
+    lib.sparseopt_maxpool.restype = None
+    lib.sparseopt_maxpool.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 14 + [ctypes.c_void_p] + [ctypes.c_int64] * 3
     return lib
 
 
