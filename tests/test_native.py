@@ -113,6 +113,28 @@ def test_direct_conv_equals_conv2d_on_every_path(path, fresh_backend):
             assert _relative_error(y, F.linear(rows, weight * mask, bias[:19] if len(bias) >= 19 else None)) <= TOLERANCE
 
 
+def test_no_read_past_the_input(native):
+    """The last tile of a grid reads nothing past the grid: an input ending just before an unreadable page."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None)
+    assert libc.mprotect(ctypes.c_void_p(base + page), page, 0) == 0  # PROT_NONE: any read there is a crash
+    floats = torch.frombuffer(region, dtype=torch.float32, count=page // 4)
+    g = torch.Generator().manual_seed(0)
+    for c, hw in ((3, 7), (5, 5), (2, 1)):  # grids of 49, 25 and 1 pixels: tails of every width
+        x = floats[-c * hw * hw:].view(1, c, hw, hw)
+        x.copy_(torch.randn(x.shape, generator=g))
+        weight = torch.randn(4, c, 1, 1, generator=g)
+        mask = torch.ones_like(weight, dtype=torch.bool)
+        y = conv.conv2d(x, conv.DirectWeight(weight, mask), None, (1, 1), (1, 1), (0, 0))
+        assert _relative_error(y, F.conv2d(x, weight)) <= TOLERANCE
+    del x, floats
+
+
 def test_a_padded_output_is_read_in_place_by_the_next_layer(native, monkeypatch):
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(8, 4, 3, 3, generator=g), torch.randn(6, 8, 3, 3, generator=g)

@@ -159,7 +159,8 @@ static inline __mmask16 lanes16(int64_t lo, int64_t hi) {
 AVX512_TARGET static void tile_avx512(const sconv_args *a, int64_t n, int64_t p0, int64_t o0, int64_t o1) {
     const int64_t L = (a->Ho - 1) * a->Wq + a->Wo;
     const float *x = a->x + n * a->x_n + p0;
-    const int64_t nv = L - p0 >= T16 ? 4 : (L - p0 + V16 - 1) / V16;
+    const int full = L - p0 >= T16;  /* else the grid's last tile: masked loads, nothing past the grid is read */
+    const int64_t nv = full ? 4 : (L - p0 + V16 - 1) / V16;
     seg_t seg[MAX_SEGS(V16)];
     __mmask16 sm[MAX_SEGS(V16)];
     const int64_t ns = tile_segments(a, p0, nv, V16, seg);
@@ -174,7 +175,7 @@ AVX512_TARGET static void tile_avx512(const sconv_args *a, int64_t n, int64_t p0
         const __m512 b = _mm512_set1_ps(a->bias ? a->bias[o] : 0.0f);
         __m512 c0 = b, c1 = b, c2 = b, c3 = b;
         const int32_t end = a->rowptr[o + 1];
-        if (nv == 4) {  /* a full tile: plain loads */
+        if (full) {  /* plain loads */
             for (int32_t j = a->rowptr[o]; j < end; j++) {
                 const __m512 w = _mm512_set1_ps(a->val[j]);
                 const float *src = x + a->off[j];
@@ -190,6 +191,7 @@ AVX512_TARGET static void tile_avx512(const sconv_args *a, int64_t n, int64_t p0
                 c0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[0], src), c0);
                 if (nv > 1) c1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[1], src + 16), c1);
                 if (nv > 2) c2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[2], src + 32), c2);
+                if (nv > 3) c3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[3], src + 48), c3);
             }
         }
         const __m512 c[4] = {c0, c1, c2, c3};
@@ -219,7 +221,8 @@ AVX2_TARGET static inline __m256i lanes8(int64_t lo, int64_t hi) {
 AVX2_TARGET static void tile_avx2(const sconv_args *a, int64_t n, int64_t p0, int64_t o0, int64_t o1) {
     const int64_t L = (a->Ho - 1) * a->Wq + a->Wo;
     const float *x = a->x + n * a->x_n + p0;
-    const int64_t nv = L - p0 >= T8 ? 4 : (L - p0 + V8 - 1) / V8;
+    const int full = L - p0 >= T8;
+    const int64_t nv = full ? 4 : (L - p0 + V8 - 1) / V8;
     seg_t seg[MAX_SEGS(V8)];
     __m256i sm[MAX_SEGS(V8)];
     const int64_t ns = tile_segments(a, p0, nv, V8, seg);
@@ -234,7 +237,7 @@ AVX2_TARGET static void tile_avx2(const sconv_args *a, int64_t n, int64_t p0, in
         const __m256 b = _mm256_set1_ps(a->bias ? a->bias[o] : 0.0f);
         __m256 c0 = b, c1 = b, c2 = b, c3 = b;
         const int32_t end = a->rowptr[o + 1];
-        if (nv == 4) {
+        if (full) {
             for (int32_t j = a->rowptr[o]; j < end; j++) {
                 const __m256 w = _mm256_set1_ps(a->val[j]);
                 const float *src = x + a->off[j];
@@ -250,6 +253,7 @@ AVX2_TARGET static void tile_avx2(const sconv_args *a, int64_t n, int64_t p0, in
                 c0 = _mm256_fmadd_ps(w, _mm256_maskload_ps(src, lm[0]), c0);
                 if (nv > 1) c1 = _mm256_fmadd_ps(w, _mm256_maskload_ps(src + 8, lm[1]), c1);
                 if (nv > 2) c2 = _mm256_fmadd_ps(w, _mm256_maskload_ps(src + 16, lm[2]), c2);
+                if (nv > 3) c3 = _mm256_fmadd_ps(w, _mm256_maskload_ps(src + 24, lm[3]), c3);
             }
         }
         const __m256 c[4] = {c0, c1, c2, c3};
