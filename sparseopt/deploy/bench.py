@@ -37,6 +37,7 @@ def bench_inference(
     rounds: int = 15,
     repeats: int = 5,
     choose: str = "time",
+    warmup_seconds: float = 1.0,
 ) -> dict[str, Any]:
     """``dense_ms``, ``sparse_ms``, ``speedup``, ``max_abs_diff`` and the per-layer kernel choices."""
     previous_threads = torch.get_num_threads()
@@ -50,7 +51,7 @@ def bench_inference(
             sparse = sparse_inference(model, masks, example_input, choose=choose, repeats=repeats)
             calls = {name: (lambda m=m, x=x: m(x)) for name, (m, x) in layouts.items()}
             calls["sparse"] = lambda: sparse(example_input)
-            seconds = time_alternating(calls, rounds, min_seconds=0.5)
+            seconds = time_alternating(calls, rounds, min_seconds=0.5, warmup_seconds=warmup_seconds)
             dense_layout = min(layouts, key=seconds.get)
             reference = layouts[dense_layout][0](layouts[dense_layout][1])
             diff = float((sparse(example_input) - reference).abs().max())

@@ -45,16 +45,22 @@ def patches(x: torch.Tensor, kernel, stride, padding, dilation) -> tuple[torch.T
     return view.reshape(channels * kh * kw, batch * h * w), h, w
 
 
-def time_alternating(calls: dict, rounds: int = 7, min_seconds: float = 0.0) -> dict:
-    """Median seconds of each of several ``calls``, timed in alternating rounds after one warm-up round.
+def time_alternating(calls: dict, rounds: int = 7, min_seconds: float = 0.0, warmup_seconds: float = 0.0) -> dict:
+    """Median seconds of each of several ``calls``, timed in alternating rounds after warm-up rounds.
 
     Alternating spreads a change of machine load (another process, a clock change) over all of them,
     so their ratios hold even where the absolute times drift. At least ``rounds`` rounds, and more
     (up to 50 times as many) until each call has run ``min_seconds`` in all: millisecond-sized models
-    need hundreds of rounds for a stable median.
+    need hundreds of rounds for a stable median. Warm-up: one round, and more until ``warmup_seconds``
+    have passed (the first tens of forward passes of a model run measurably slower here: caches,
+    allocator and thread pool settling).
     """
-    for fn in calls.values():
-        fn()
+    start = time.perf_counter()
+    while True:
+        for fn in calls.values():
+            fn()
+        if time.perf_counter() - start >= warmup_seconds:
+            break
     times = {name: [] for name in calls}
     while True:
         for name, fn in calls.items():
