@@ -14,6 +14,8 @@ alternating rounds in one process; medians, reported as ratios. The JSON records
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparseopt.deploy.bench import bench_inference  # noqa: E402
 from sparseopt.deploy.run import example_batch, synthetic_model  # noqa: E402
 from sparseopt.native import build  # noqa: E402
-from sparseopt.train.io import write_json  # noqa: E402
+from sparseopt.train.io import atomic_write, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -33,8 +35,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--image-size", type=int, default=None, help="default: 32 for CIFAR ResNets, 224 for ResNet-50")
-    p.add_argument("--rounds", type=int, default=9, help="timed forward passes per side (fewer for large cells)")
-    p.add_argument("--json", help="write all cells to this file")
+    p.add_argument("--rounds", type=int, default=9, help="timed forward passes per side")
+    p.add_argument("--rounds-big", type=int, default=3, help="timed forward passes per side of ResNet-50 cells "
+                                                              "at batch > 8 (about a second each)")
+    p.add_argument("--json", help="write all cells to this file (gzip-compressed when it ends in .gz)")
     args = p.parse_args()
     rows = []
     backend = build.backend()
@@ -52,7 +56,7 @@ def main() -> None:
             big = model_name == "resnet50" and batch > 8  # about a second a forward pass: fewer rounds
             x = example_batch(shape, batch)
             for threads in args.threads:
-                r = bench_inference(model, masks, x, threads=threads, rounds=3 if big else args.rounds,
+                r = bench_inference(model, masks, x, threads=threads, rounds=args.rounds_big if big else args.rounds,
                                     repeats=2 if big else 5)
                 sparse_layers = sum(v for k, v in r["kernel_counts"].items() if k != "dense")
                 row = {"model": model_name, "sparsity": sparsity, "distribution": distribution,
@@ -63,7 +67,12 @@ def main() -> None:
                       f"{r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | "
                       f"{sparse_layers}/{len(r['layers'])} | {r['max_abs_diff']:.1e} |", flush=True)
     if args.json:
-        write_json(args.json, {"command": " ".join(sys.argv), "backend": backend.as_dict(), "rows": rows})
+        record = {"command": " ".join(sys.argv), "backend": backend.as_dict(), "rows": rows}
+        if args.json.endswith(".gz"):  # every layer's timings of every cell: compressed, the tree stays small
+            data = gzip.compress(json.dumps(record, indent=1).encode(), mtime=0)
+            atomic_write(args.json, lambda f: f.write(data))
+        else:
+            write_json(args.json, record)
         print(f"wrote {args.json}")
 
 

@@ -1,6 +1,7 @@
 """The GPU benchmarks run end to end as CPU rehearsals, so a device session never spends its minutes on a
 script that crashes. Structure and bookkeeping only: timings are benchmarks' business, never a test's."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -48,11 +49,12 @@ def test_step_benchmark_rehearsal(tmp_path):
 
 def test_inference_benchmark_rehearsal(tmp_path):
     out = run_benchmark("bench_inference.py", "--models", "resnet20", "--sparsities", "0.98", "--batches", "2",
-                        "--threads", "1", "--rounds", "1", "--json", str(tmp_path / "infer.json"))
-    rows = json.loads((tmp_path / "infer.json").read_text())["rows"]
+                        "--threads", "1", "--rounds", "1", "--json", str(tmp_path / "infer.json.gz"))
+    record = json.loads(gzip.decompress((tmp_path / "infer.json.gz").read_bytes()))
+    rows = record["rows"]
     assert [(r["structure"], r["batch"], r["threads"]) for r in rows] == [("unstructured", 2, 1), ("constant_fan_in", 2, 1)]
     for r in rows:
         assert r["max_abs_diff"] < 1e-5 and r["dense_ms"] > 0 and r["sparse_ms"] > 0
         assert len(r["layers"]) == 22  # every conv and the classifier of ResNet-20
     assert "| resnet20 | 0.98 | erk | constant_fan_in | 2 | 1 |" in out
-    assert json.loads((tmp_path / "infer.json").read_text())["backend"]["path"] in ("avx512", "avx2", "portable", "torch")
+    assert record["backend"]["path"] in ("avx512", "avx2", "portable", "torch")

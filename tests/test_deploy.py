@@ -241,7 +241,9 @@ def test_export_and_bench_commands_on_a_trained_run(tmp_path, capsys):
     assert main(["bench-infer", "--run", str(run), "--batch-size", "4", "--threads", "1", "--rounds", "2",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert {"dense_ms", "sparse_ms", "speedup", "max_abs_diff", "layers"} <= set(result)
+    assert {"dense_ms", "sparse_ms", "speedup", "max_abs_diff", "layers", "backend", "weight_memory"} <= set(result)
+    assert result["backend"]["path"] == sparseopt.native.backend().path
+    assert "compiled kernels: " in capsys.readouterr().out
     assert result["max_abs_diff"] < 1e-5 and result["batch_size"] == 4 and result["threads"] == 1
     assert main(["bench-infer", "--model", "resnet20", "--structure", "nm", "--nm", "2:4", "--sparsity", "0.5",
                  "--rounds", "1"]) == 2  # conv1's 27 inputs cannot be 2:4

@@ -186,6 +186,31 @@ def test_whole_models_on_the_direct_kernel_give_the_masked_outputs(native, name,
             assert all("out_padding=1" in fused[f"layer{s}.{b}.conv1"] for s in (1, 2, 3) for b in range(3))
 
 
+def test_two_threads_run_one_model_at_once(native):
+    import threading
+
+    torch.manual_seed(0)
+    model = _trained_like(build_model("resnet20", 10))
+    masks = sparseopt.sparsify(model, 0.95)
+    inputs = [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)]  # two shapes: two plans per layer, too
+    fast = sparseopt.sparse_inference(model, masks, inputs[0], choose="direct")
+    with torch.inference_mode():
+        references = [model(x) for x in inputs]
+    errors = []
+
+    def serve(i):
+        with torch.inference_mode():
+            for _ in range(15):
+                errors.append(_relative_error(fast(inputs[i]), references[i]))
+
+    workers = [threading.Thread(target=serve, args=(i,)) for i in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(errors) == 30 and max(errors) <= TOLERANCE
+
+
 def test_a_user_model_fx_cannot_trace_runs_unfused(native):
     class Branchy(nn.Module):
         def __init__(self):

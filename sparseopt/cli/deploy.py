@@ -66,11 +66,15 @@ def cmd_bench_infer(argv: list[str]) -> int:
     x = example_batch(shape, args.batch_size, args.seed)
     result = bench_inference(model, masks, x, threads=args.threads, rounds=args.rounds, repeats=args.repeats)
     result["what"] = label
-    print(f"{label}, batch {args.batch_size}, {result['threads']} threads, input {tuple(shape)}")
-    print(f"{'layer':28s} {'density':>7s} {'kernel':>9s}  ms (dense / csr / condensed)")
+    backend = result["backend"]
+    print(f"{label}, batch {args.batch_size}, {result['threads']} threads, input {tuple(shape)}; "
+          f"compiled kernels: {backend['path']} ({backend['reason']})")
+    print(f"{'layer':28s} {'density':>7s} {'kernel':>9s}  ms of each kernel timed")
     for name, layer in result["layers"].items():
-        ms = " / ".join(f"{layer['ms'].get(k, float('nan')):.3f}" for k in ("dense", "csr", "condensed") if k in layer["ms"])
+        ms = ", ".join(f"{k} {v:.3f}" for k, v in layer["ms"].items())
         print(f"{name:28s} {layer['density']:7.3f} {layer['kernel']:>9s}  {ms}")
+    for name, why in result["kept_dense_reasons"].items():
+        print(f"{name:28s} kept dense: {why}")
     print(f"dense {result['dense_ms']:.2f} ms ({result['dense_layout']}, BN folded) | sparse {result['sparse_ms']:.2f} ms | "
           f"speedup {result['speedup']:.2f}x | max |diff| {result['max_abs_diff']:.2e}")
     if args.json:

@@ -228,7 +228,7 @@ def sparse_inference(
     if len(built) > 1:
         with torch.inference_mode():
             seconds = time_alternating({key: (lambda m=m: m(example_input)) for key, m in built.items()}, 2 * repeats + 1,
-                                       min_seconds=0.25)
+                                       min_seconds=0.25, warmup_seconds=0.25)
         report["whole_model_ms"] = {f"{k}{'_channels_last' if cl else ''}": round(t * 1e3, 4)
                                     for (k, cl), t in seconds.items()}
     else:

@@ -118,10 +118,11 @@ class _Plan:
         self.args = _Args(None, image, weight.values.data_ptr(), self.offsets.data_ptr(), weight.rowptr.data_ptr(),
                           None if bias is None else bias.data_ptr(), n, weight.shape[0], Ho, Wo, Wq)
         self.args.relu, self.args.y_ph, self.args.y_pw = int(relu), *out_padding
-        self.ref = ctypes.byref(self.args)
 
     def run(self, image: int, y: torch.Tensor, residual: torch.Tensor | None) -> None:
-        args = self.args
+        # a copy per call: ctypes releases the GIL during the call, so two threads running one model at
+        # once must not share the block (about 1 us)
+        args = _Args.from_buffer_copy(self.args)
         args.x, args.y = image, y.data_ptr()
         args.y_n, args.y_c, args.y_row = y.stride()[:3]
         if residual is None:
@@ -131,7 +132,7 @@ class _Plan:
             args.r_n, args.r_c, args.r_row = residual.stride()[:3]
         args.threads = torch.get_num_threads()
         backend, lib = build.load()
-        if lib.sparseopt_sconv(self.ref, build.path_number(backend.path)) != 0:
+        if lib.sparseopt_sconv(ctypes.byref(args), build.path_number(backend.path)) != 0:
             raise RuntimeError(f"the compiled kernel refused path {backend.path}")
 
 
