@@ -47,6 +47,8 @@ ABI_VERSION = 3  # must equal SPARSEOPT_ABI_VERSION in csrc/sparse_conv.c
 SOURCES = ("sparse_conv.c",)
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fno-strict-aliasing")
 PATHS = ("portable", "avx2", "avx512")  # index = the C code's path number
+_NEEDS = {"avx512": "it has avx512f, avx512vl, avx512bw and avx512dq", "avx2": "it has avx2 and fma, not all of "
+          "avx512f/vl/bw/dq", "portable": "no avx2 + fma, or not x86-64"}
 LIBRARY = "libsparseopt_kernels"  # + a build id: a rebuilt library is a new file, never the one a process has open
 
 
@@ -224,7 +226,7 @@ def _load() -> tuple[Backend, ctypes.CDLL | None]:
     backend.available, backend.path = True, path
     backend.reason = (f"SPARSEOPT_SIMD={wanted}" if wanted and wanted == path else
                       f"SPARSEOPT_SIMD={wanted} is beyond this CPU; the best it runs is {best}" if wanted else
-                      f"the best path this CPU runs ({', '.join(cpu['simd'][:6]) or 'no SIMD flags'}...)")
+                      f"the best path this CPU runs ({_NEEDS[best]})")
     return backend, lib
 
 
