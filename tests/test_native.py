@@ -266,6 +266,17 @@ def test_native_max_pool_equals_torchs(native):
                                F.max_pool2d(x, k, s, p).nan_to_num(nan=7.0)), (k, s, p)
 
 
+def test_the_kernels_refuse_what_they_cannot_read(native):
+    weight = torch.randn(4, 3, 3, 3)
+    direct = conv.DirectWeight(weight, torch.ones_like(weight, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"takes 4-D float32 CPU tensors, got torch.float64 of shape \(1, 3, 8, 8\)"):
+        conv.conv2d(torch.randn(1, 3, 8, 8, dtype=torch.float64), direct, None, (3, 3), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="takes 4-D float32 CPU tensors"):
+        conv.conv2d(torch.randn(3, 8, 8), direct, None, (3, 3), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="float32 CPU tensors, got torch.float16"):
+        conv.linear(torch.randn(2, 27).half(), conv.DirectWeight(weight.reshape(4, 27), torch.ones(4, 27, dtype=torch.bool)), None)
+
+
 def test_half_precision_is_one_clear_line():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).half()
     masks = sparseopt.sparsify(model, 0.5)

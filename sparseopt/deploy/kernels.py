@@ -244,7 +244,7 @@ class NativeMaxPool2d(nn.Module):
                 and pool.dilation in (1, (1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.dim() != 4:
+        if x.dtype != torch.float32 or x.dim() != 4 or x.device.type != "cpu":
             return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
         return native.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 

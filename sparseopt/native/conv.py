@@ -108,12 +108,13 @@ class _Plan:
 
     def __init__(self, weight: DirectWeight, offsets: torch.Tensor, bias: torch.Tensor | None, n: int,
                  out_shape: tuple[int, ...], grid: tuple[int, int, int], image: int, relu: bool,
-                 out_padding: tuple[int, int] = (0, 0)):
+                 out_padding: tuple[int, int] = (0, 0), geometry: Geometry | None = None, mode: str = "as_is"):
         if offsets.numel() and int(offsets.max()) > MAX_OFFSET:
             raise ValueError(f"an input of {image} floats per image is too large for the kernel's 32-bit offsets")
         self.offsets = offsets.to(torch.int32).contiguous()
         self.bias = bias  # kept alive: the block holds its address
         self.out_shape, self.out_padding = out_shape, out_padding
+        self.geometry, self.mode = geometry, mode  # how the input is read: see _image_mode
         Ho, Wo, Wq = grid
         self.args = _Args(None, image, weight.values.data_ptr(), self.offsets.data_ptr(), weight.rowptr.data_ptr(),
                           None if bias is None else bias.data_ptr(), n, weight.shape[0], Ho, Wo, Wq)
@@ -164,6 +165,13 @@ def pack(x: torch.Tensor, g: Geometry) -> torch.Tensor:
     return out
 
 
+def _check_input(x: torch.Tensor, what: str, dim: int | None = None) -> None:
+    """The kernels read raw CPU float32 memory: anything else is one clear error, never a bad pointer."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (dim is not None and x.dim() != dim):
+        raise ValueError(f"{what} takes {f'{dim}-D ' if dim else ''}float32 CPU tensors, got {x.dtype} of shape "
+                         f"{tuple(x.shape)} on {x.device}; run the sparse model on the CPU in float32")
+
+
 PADDED = "_sparseopt_padding"  # attribute of an output view that lies inside a zero-padded buffer
 
 
@@ -195,9 +203,7 @@ def conv2d(x: torch.Tensor, weight: DirectWeight, bias: torch.Tensor | None, ker
     ``out_padding``: return a view into a buffer with that many zero rows and columns around it,
     which the next direct convolution of stride 1 and that padding reads without copying.
     """
-    if x.dtype != torch.float32 or x.dim() != 4:
-        raise ValueError(f"the direct sparse convolution takes 4-D float32 input, got {x.dtype} of shape "
-                         f"{tuple(x.shape)}")
+    _check_input(x, "the direct sparse convolution", 4)
     out_padding = tuple(out_padding)
     key = (tuple(x.shape), x.stride(), getattr(x, PADDED, None), tuple(kernel), tuple(stride), tuple(padding),
            relu, out_padding, None if bias is None else bias.data_ptr())
@@ -206,10 +212,9 @@ def conv2d(x: torch.Tensor, weight: DirectWeight, bias: torch.Tensor | None, ker
         g = geometry(x.shape, kernel, stride, padding)
         if g.Ho <= 0 or g.Wo <= 0:
             raise ValueError(f"input {tuple(x.shape)} is smaller than the kernel {tuple(kernel)}")
-        plan = _Plan(weight, _conv_offsets(weight.columns, g, kernel), bias, x.shape[0],
-                     (x.shape[0], weight.shape[0], g.Ho, g.Wo), (g.Ho, g.Wo, g.Wq), g.image, relu, out_padding)
-        plan.geometry, plan.mode = g, _image_mode(x, g)
-        return plan
+        return _Plan(weight, _conv_offsets(weight.columns, g, kernel), bias, x.shape[0],
+                     (x.shape[0], weight.shape[0], g.Ho, g.Wo), (g.Ho, g.Wo, g.Wq), g.image, relu, out_padding,
+                     g, _image_mode(x, g))
 
     plan = weight.plan(key, make)
     g = plan.geometry
@@ -239,8 +244,7 @@ def linear(x: torch.Tensor, weight: DirectWeight, bias: torch.Tensor | None, rel
     The batch is the vector dimension: ``x`` is transposed to ``(in, N)`` (one image of ``in`` planes
     of ``N`` pixels, a 1x1 convolution), the kernel writes ``(out, N)``, returned transposed.
     """
-    if x.dtype != torch.float32:
-        raise ValueError(f"the sparse linear kernel takes float32 input, got {x.dtype}")
+    _check_input(x, "the sparse linear kernel")
     lead, features = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, features)
     n = rows.shape[0]
@@ -255,6 +259,7 @@ def linear(x: torch.Tensor, weight: DirectWeight, bias: torch.Tensor | None, rel
 
 def max_pool2d(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     """``F.max_pool2d(x, kernel, stride, padding)`` of a float32 NCHW tensor (any strides), dilation 1, floor mode."""
+    _check_input(x, "the compiled max pool", 4)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
