@@ -25,8 +25,8 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import fcntl
 import hashlib
 import json
 import os
@@ -168,6 +168,21 @@ def _build(folder: Path, compiler: str) -> tuple[Path, float]:
     return library, time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def _locked(file):
+    """An exclusive lock on ``file`` where the platform has ``fcntl`` (elsewhere no compiler build is tried)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; the build record's checksum still guards what is loaded
+        yield
+        return
+    fcntl.flock(file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(file, fcntl.LOCK_UN)
+
+
 _lock = threading.Lock()
 _state: tuple[Backend, ctypes.CDLL | None] | None = None
 
@@ -187,8 +202,7 @@ def _load() -> tuple[Backend, ctypes.CDLL | None]:
     record_path = folder / "build.json"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "w") as lock:  # one build at a time (DDP ranks, sweep runs)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(folder / ".lock", "w") as lock, _locked(lock):  # one build at a time (DDP ranks, sweep runs)
             lib = None
             try:
                 record = json.loads(record_path.read_text())
