@@ -14,8 +14,6 @@ alternating rounds in one process; medians, reported as ratios. The JSON records
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparseopt.deploy.bench import bench_inference  # noqa: E402
 from sparseopt.deploy.run import example_batch, synthetic_model  # noqa: E402
 from sparseopt.native import build  # noqa: E402
-from sparseopt.train.io import atomic_write, write_json  # noqa: E402
+from sparseopt.train.io import write_json  # noqa: E402
 
 
 def main() -> None:
@@ -67,12 +65,7 @@ def main() -> None:
                       f"{r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | "
                       f"{sparse_layers}/{len(r['layers'])} | {r['max_abs_diff']:.1e} |", flush=True)
     if args.json:
-        record = {"command": " ".join(sys.argv), "backend": backend.as_dict(), "rows": rows}
-        if args.json.endswith(".gz"):  # every layer's timings of every cell: compressed, the tree stays small
-            data = gzip.compress(json.dumps(record, indent=1).encode(), mtime=0)
-            atomic_write(args.json, lambda f: f.write(data))
-        else:
-            write_json(args.json, record)
+        write_json(args.json, {"command": " ".join(sys.argv), "backend": backend.as_dict(), "rows": rows})
         print(f"wrote {args.json}")
 
 

@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..train.io import atomic_write
+from ..train.io import atomic_write, write_bytes
 
 
 def pyplot():
@@ -45,4 +45,4 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    return write_bytes(path, text.encode())

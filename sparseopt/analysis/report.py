@@ -25,7 +25,6 @@ are listed in the report, never silently dropped.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from collections import defaultdict
@@ -38,7 +37,7 @@ import yaml
 from ..optim.presets import OPTIMIZER_PRESETS
 from ..topology import DST_METHODS
 from ..train.config import NON_METHOD_KEYS, with_defaults
-from ..train.io import atomic_write, read_metrics, write_json
+from ..train.io import read_metrics, write_json
 from ..train.naming import NAMED_KEYS
 from .figures import epoch_axis, pyplot, save_figure, write_csv, write_text
 
@@ -464,10 +463,7 @@ def write_curves(records: list[RunRecord], path: str | Path) -> Path:
             "epochs": [_compact(m) for m in r.metrics],
             "updates": [_compact(u) for u in read_metrics(r.path, event="update")],
         }, default=str))
-    text = "\n".join(lines) + "\n"
-    if str(path).endswith(".gz"):
-        return atomic_write(path, lambda f: f.write(gzip.compress(text.encode(), mtime=0)))
-    return write_text(path, text)
+    return write_text(path, "\n".join(lines) + "\n")  # gzip-compressed when the name ends in .gz
 
 
 def report(paths: list[str | Path], out: str | Path, curves: str | Path | None = None) -> dict[str, Any]:

@@ -38,11 +38,14 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (SparseConv2d, SparseLinear)) or super().is_leaf_module(m, qualname)
 
 
+def _runs_direct(module: nn.Module | None) -> bool:
+    return isinstance(module, (SparseConv2d, SparseLinear)) and module.kernel == "direct"
+
+
 def _direct(modules: dict[str, nn.Module], node: fx.Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    module = modules.get(node.target)
-    return module if isinstance(module, (SparseConv2d, SparseLinear)) and module.kernel == "direct" else None
+    """The module ``node`` calls, if it runs the direct kernel."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return module if _runs_direct(module) else None
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module], source: fx.Node) -> bool:
@@ -68,7 +71,7 @@ def _residual(node: fx.Node, source: fx.Node) -> fx.Node | None:
 
 def fuse_epilogues(net: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     """``(net or its fused GraphModule, report)``: what was moved into which layer's epilogue."""
-    if not any(isinstance(m, (SparseConv2d, SparseLinear)) and m.kernel == "direct" for m in net.modules()):
+    if not any(_runs_direct(m) for m in net.modules()):
         return net, {"fused": {}, "note": "no layer runs the direct kernel"}
     try:
         graph = _Tracer().trace(net)

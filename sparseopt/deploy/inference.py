@@ -143,11 +143,11 @@ def _weight_memory(model: nn.Module, masks: MaskSet) -> dict[str, Any]:
     """Bytes of the masked layers' weights as the model holds them, against their dense fp32 size."""
     dense = sum(layer.module.weight.numel() * 4 for layer in masks if layer.param == "weight")
     held = 0
-    sparse = {n: m for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))}
+    sparse = {n.removeprefix("net."): m for n, m in model.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))}
     for layer in masks:
         if layer.param != "weight":
             continue
-        module = next((m for n, m in sparse.items() if n.removeprefix("net.") == layer.name), None)
+        module = sparse.get(layer.name)
         held += module.weight_bytes if module is not None else layer.module.weight.numel() * 4
     return {"dense_bytes": dense, "bytes": held, "ratio": held / dense if dense else 1.0}
 

@@ -170,19 +170,20 @@ class SparseLinear(_SparseLayer):
         self.in_features = module.in_features
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel == "direct" and residual is None:
+        if self.kernel == "direct" and residual is None:  # the ReLU in the kernel's epilogue
             return native.linear(x, self.direct, self.bias, relu=self.relu)
+        return self._epilogue(self._forward(x), residual)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "dense":
-            return self._epilogue(F.linear(x, self.weight, self.bias), residual)
+            return F.linear(x, self.weight, self.bias)
         if self.kernel == "direct":
-            y = native.linear(x, self.direct, self.bias)
-        else:
-            lead = x.shape[:-1]
-            y = self._matmul(x.reshape(-1, self.in_features).t()).t()
-            if self.bias is not None:
-                y = y + self.bias
-            y = y.reshape(*lead, self.out_features)
-        return self._epilogue(y, residual)
+            return native.linear(x, self.direct, self.bias)
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
 
 
 class SparseConv2d(_SparseLayer):
