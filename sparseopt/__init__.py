@@ -43,6 +43,7 @@ from .topology import (
     prune_and_grow,
     zero_state_,
 )
+from .training_kernels import SparseTraining, sparse_training
 
 __version__ = "0.1.0"
 
@@ -76,6 +77,8 @@ __all__ = [
     "load_sparse",
     "native",
     "sparse_inference",
+    "sparse_training",
+    "SparseTraining",
     "fan_in",
     "ham_update_",
     "layer_densities",

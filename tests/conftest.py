@@ -13,6 +13,39 @@ from torch import nn
 DATA_DIR = Path(os.environ.get("SPARSEOPT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture
+def fresh_backend(monkeypatch):
+    """Each test reads the environment it sets; the process's loaded kernel library is restored afterwards."""
+    from sparseopt.native import build
+
+    build.reset()
+    yield monkeypatch
+    monkeypatch.undo()
+    build.reset()
+
+
+@pytest.fixture
+def native(fresh_backend):
+    """The compiled kernels, or skip with the reason (CI has a compiler, so there they are built and tested)."""
+    from sparseopt.native import build
+
+    backend, lib = build.load(warn=False)
+    if lib is None:
+        pytest.skip(f"compiled kernels unavailable here: {backend.reason}")
+    return backend
+
+
+def simd_paths() -> list[str]:
+    """The SIMD paths this CPU runs (each kernel test runs on all of them)."""
+    from sparseopt.native import build
+
+    build.reset()
+    backend, lib = build.load(warn=False)
+    build.reset()
+    best = backend.best_path if lib is not None else "portable"
+    return [p for p in build.PATHS if build.PATHS.index(p) <= build.PATHS.index(best)]
+
+
 def data_path(*parts: str) -> Path:
     """Path inside the real-data folder, or skip the test with the reason."""
     path = DATA_DIR.joinpath(*parts)

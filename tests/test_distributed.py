@@ -59,6 +59,23 @@ def test_ddp_masks_identical_and_equal_to_single_process(tmp_path, dst):
     assert results["final"]["test_acc"] == pytest.approx(single_acc, abs=0.5)  # evaluation reduced over ranks
 
 
+def test_ddp_with_sparse_kernels_keeps_replicas_bitwise_equal(tmp_path, native):
+    """The gradients of the active weights (dense tensors with zeros elsewhere) are all-reduced as in masked training;
+    RigL's update steps get the dense gradient on every rank; --check-masks checks weights and masks at each update."""
+    check(launch(tmp_path / "ddp", tmp_path / "ddp_run", ["--dst", "rigl", "--kernels", "sparse"], 2))
+    check(launch(tmp_path / "masked", tmp_path / "masked_run", ["--dst", "rigl"], 2))
+    r0 = torch.load(tmp_path / "ddp/rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp/rank1.pt", weights_only=True)
+    masked = torch.load(tmp_path / "masked/rank0.pt", weights_only=True)
+    for a, b, c in zip(r0["masks"], r1["masks"], masked["masks"]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for key in r0["model"]:
+        torch.testing.assert_close(r0["model"][key], r1["model"][key], rtol=0, atol=0)
+        torch.testing.assert_close(r0["model"][key], masked["model"][key], rtol=1e-4, atol=1e-5)
+    kernels = json.loads((tmp_path / "ddp_run/results.json").read_text())["kernels"]
+    assert {d["kernel"] for d in kernels["layers"].values()} == {"sparse"}
+
+
 def test_ddp_resume(tmp_path):
     check(launch(tmp_path / "full", tmp_path / "full_run", ["--dst", "rigl"], 2))
     stopped = launch(tmp_path / "part", tmp_path / "part_run", ["--dst", "rigl", "--stop-after-epoch", "1"], 2)

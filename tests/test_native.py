@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import simd_paths
 from torch import nn
 
 import sparseopt
@@ -24,32 +25,7 @@ from sparseopt.native import build, conv
 TOLERANCE = 1e-5  # relative to the output's scale, fp32
 
 
-@pytest.fixture
-def fresh_backend(monkeypatch):
-    """Each test reads the environment it sets; the process's loaded library is restored afterwards."""
-    build.reset()
-    yield monkeypatch
-    monkeypatch.undo()
-    build.reset()
-
-
-@pytest.fixture
-def native(fresh_backend):
-    backend, lib = build.load(warn=False)
-    if lib is None:
-        pytest.skip(f"compiled kernels unavailable here: {backend.reason}")
-    return backend
-
-
-def _paths():
-    build.reset()
-    backend, lib = build.load(warn=False)
-    build.reset()
-    best = backend.best_path if lib is not None else "portable"
-    return [p for p in build.PATHS if build.PATHS.index(p) <= build.PATHS.index(best)]
-
-
-SIMD_PATHS = _paths()
+SIMD_PATHS = simd_paths()
 
 
 def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:

@@ -54,6 +54,7 @@ COMMANDS = {
     "sweep": (_lazy("analyses", "cmd_sweep"), "run a grid of runs locally or on SLURM (submitit); idempotent"),
     "export": (_lazy("deploy", "cmd_export"), "write a run's model as a file of its active weights only"),
     "bench-infer": (_lazy("deploy", "cmd_bench_infer"), "dense vs sparse CPU inference, side by side"),
+    "bench-train": (_lazy("bench", "cmd_bench_train"), "masked dense vs sparse-kernel training steps, side by side"),
     "kernels": (_lazy("deploy", "cmd_kernels"), "which compiled kernel path is active and why (builds it if needed)"),
 }
 

@@ -199,8 +199,9 @@ class SparseConv2d(_SparseLayer):
         if isinstance(module.padding, str) and module.padding != "valid":
             return ["dense"]  # "same" padding: the unfold lowering needs explicit pads
         names = super().candidates(module, mask)
-        if module.dilation != (1, 1) or not 1 <= max(module.kernel_size) <= 7:
-            names = [k for k in names if k != "direct"]  # the direct kernel: dilation 1, kernels 1 to 7
+        if native.conv_unsupported(module.kernel_size, module.stride, module.padding, module.dilation,
+                                   module.groups, module.padding_mode):
+            names = [k for k in names if k != "direct"]
         return names
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

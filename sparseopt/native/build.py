@@ -43,8 +43,9 @@ from typing import Any
 
 import torch
 
-ABI_VERSION = 3  # must equal SPARSEOPT_ABI_VERSION in csrc/sparse_conv.c
-SOURCES = ("sparse_conv.c",)
+ABI_VERSION = 4  # must equal SPARSEOPT_ABI_VERSION in csrc/sparseopt.h
+SOURCES = ("sparse_conv.c", "sparse_grad.c")
+HEADERS = ("sparseopt.h",)
 FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fno-strict-aliasing")
 PATHS = ("portable", "avx2", "avx512")  # index = the C code's path number
 _NEEDS = {"avx512": "it has avx512f, avx512vl, avx512bw and avx512dq", "avx2": "it has avx2 and fma, not all of "
@@ -119,7 +120,7 @@ def _source_dir() -> Path:
 
 def _key(compiler: str, version: str, cpu: dict[str, Any]) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update((_source_dir() / name).read_bytes())
     for part in (compiler, version, " ".join(FLAGS), cpu["model"], cpu["flags_hash"], cpu["machine"],
                  str(torch.__version__), platform.platform(), str(ABI_VERSION)):
@@ -139,6 +140,8 @@ def _open(library: Path) -> ctypes.CDLL:
     lib.sparseopt_best_path.restype = ctypes.c_int
     lib.sparseopt_sconv.restype = ctypes.c_int
     lib.sparseopt_sconv.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.sparseopt_wgrad.restype = ctypes.c_int
+    lib.sparseopt_wgrad.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.sparseopt_pack.restype = None
     lib.sparseopt_pack.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 15 + [ctypes.c_void_p, ctypes.c_int64]
     lib.sparseopt_maxpool.restype = None

@@ -76,14 +76,16 @@ def geometry(x_shape, kernel, stride, padding) -> Geometry:
 class DirectWeight:
     """A masked ``(O, C, kh, kw)`` (or ``(O, C)``) weight as the compiled kernels read it."""
 
-    def __init__(self, weight: torch.Tensor, mask: torch.Tensor):
-        weight = weight.detach().float()
-        self.shape = tuple(weight.shape)
-        rows = weight.reshape(weight.shape[0], -1)
+    def __init__(self, weight: torch.Tensor | None, mask: torch.Tensor):
+        """``weight=None``: the structure only, with zero values (a training layer gathers them per step)."""
+        self.shape = tuple(mask.shape)
         active = mask.reshape(mask.shape[0], -1).to(torch.bool).cpu()
         position = active.nonzero()  # row-major: sorted by output channel, then column
-        self.values = rows.cpu()[active].contiguous()
-        self.columns = position[:, 1].to(torch.int16 if rows.shape[1] <= 2**15 else torch.int32).contiguous()
+        if weight is None:
+            self.values = torch.zeros(len(position), dtype=torch.float32)
+        else:
+            self.values = weight.detach().float().reshape(mask.shape[0], -1).cpu()[active].contiguous()
+        self.columns = position[:, 1].to(torch.int16 if active.shape[1] <= 2**15 else torch.int32).contiguous()
         counts = active.sum(1)
         self.rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).contiguous()
         self.plans: dict[tuple, _Plan] = {}
@@ -140,29 +142,48 @@ class _Plan:
 _local = threading.local()
 
 
-def _workspace(numel: int) -> torch.Tensor:
-    """A float buffer of at least ``numel``, reused by every call of this thread.
+def _workspace(numel: int, slot: int = 0) -> torch.Tensor:
+    """A float buffer of at least ``numel``, reused by every call of this thread that names ``slot``.
 
     The packed input lives only during one kernel call. A fresh allocation per call would be
     returned to the system and page-faulted in again (about 0.2 ms for a 56x56x64 image here,
     as long as the kernel itself), whenever the allocator's state changes between calls.
+    Slot 0 is the convolution's packed input; the weight gradient keeps its output gradient in slot 1.
     """
-    buffer = getattr(_local, "buffer", None)
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buffer = buffers.get(slot)
     if buffer is None or buffer.numel() < numel:
-        buffer = _local.buffer = torch.empty(max(numel, 1), dtype=torch.float32)
+        buffer = buffers[slot] = torch.empty(max(numel, 1), dtype=torch.float32)
     return buffer[:numel]
 
 
-def pack(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+def pack(x: torch.Tensor, g: Geometry, slot: int = 0) -> torch.Tensor:
     """The zero-padded, phase-split copy of ``x`` that the kernel reads: ``(N, image)`` floats.
 
-    Written into this thread's workspace: valid until the next ``pack`` of the thread.
+    Written into this thread's workspace ``slot``: valid until the next ``pack`` into that slot.
     """
     _, lib = build.load()
-    out = _workspace(x.shape[0] * g.image).view(x.shape[0], g.image)
+    out = _workspace(x.shape[0] * g.image, slot).view(x.shape[0], g.image)
     lib.sparseopt_pack(x.data_ptr(), x.shape[0], g.C, g.H, g.W, *x.stride(), g.pad[0], g.pad[1], g.stride[0],
                        g.phases[0], g.phases[1], g.Hq, g.Wq, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def conv_unsupported(kernel_size, stride, padding, dilation, groups: int, padding_mode: str) -> str | None:
+    """Why the direct kernel cannot run a Conv2d of these settings, or None when it can."""
+    if groups != 1:
+        return f"grouped convolution (groups={groups})"
+    if padding_mode != "zeros":
+        return f"padding_mode={padding_mode!r}: only zero padding is supported"
+    if tuple(dilation) != (1, 1):
+        return f"dilation={tuple(dilation)}: the direct kernel takes dilation 1"
+    if not 1 <= max(kernel_size) <= 7:
+        return f"kernel {tuple(kernel_size)}: the direct kernel takes kernels of 1 to 7"
+    if isinstance(padding, str) and padding != "valid":
+        return f"padding={padding!r}: the direct kernel needs explicit padding"
+    return None
 
 
 def _check_input(x: torch.Tensor, what: str, dim: int | None = None) -> None:

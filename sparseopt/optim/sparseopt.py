@@ -393,8 +393,10 @@ class SparseOpt(OptimizerWrapper):
             "selected": self._selected,
             "group_sizes": dict(self._group_sizes),
             "skip_next": self._skip_next,
-            # Only smoothing carries information from step to step; every other scale is recomputed.
-            "scales": [None if c is None else c.clone() for c in self._scales] if self.scale_ema > 0 and self._scales else None,
+            # The scales of the last step: smoothing carries them to the next, and a topology update that
+            # runs before the next step's refresh prunes by them (BN statistics change with every forward,
+            # so recomputing them after a resume would prune by other scores than the uninterrupted run).
+            "scales": [None if c is None else c.clone() for c in self._scales] if self._scales else None,
         }
 
     def load_wrapper_state(self, state: dict[str, Any]) -> None:

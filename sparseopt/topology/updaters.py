@@ -74,6 +74,14 @@ class TopologyUpdater(ABC):
     def step(self) -> bool:
         """Advance one iteration; returns whether the topology changed."""
 
+    def needs_dense_gradient(self) -> bool:
+        """Whether the next ``step()`` reads the gradient at inactive positions (RigL's growth).
+
+        Sparse training kernels (:func:`sparseopt.sparse_training`) compute the gradient of the
+        active weights only, except in the backward passes before a step that answers True here.
+        """
+        return False
+
     def config(self) -> dict[str, Any]:
         return {"method": type(self).__name__}
 
@@ -141,6 +149,9 @@ class DSTUpdater(TopologyUpdater):
     """
 
     dynamic = True
+    # Whether grow_scores reads the weight's gradient (at every position). True unless a subclass
+    # says otherwise: a plugin's growth may read it, and a wrong False would grow from zeros.
+    grows_by_gradient = True
 
     def __init__(
         self,
@@ -210,6 +221,9 @@ class DSTUpdater(TopologyUpdater):
 
     def drop_fraction(self, t: int | None = None) -> float:
         return drop_fraction(self.t if t is None else t, self.alpha, self.t_end)
+
+    def needs_dense_gradient(self) -> bool:
+        return self.grows_by_gradient and is_update_step(self.t, self.delta_t, self.t_end)
 
     def step(self) -> bool:
         """Advance one iteration; on schedule, update the topology.
@@ -353,6 +367,8 @@ class SET(DSTUpdater):
     The random generator is owned by the object, seeded with ``seed`` (the same
     on every rank, so masks agree by construction) and saved in its state.
     """
+
+    grows_by_gradient = False
 
     def __init__(self, masks: MaskSet, optimizer: Optimizer | None = None, *, seed: int = 0, **kwargs):
         super().__init__(masks, optimizer, **kwargs)

@@ -23,6 +23,7 @@ from ..optim.clip import ClipGradNorm
 from ..optim.presets import OPTIMIZER_PRESETS
 from ..registry import takes_keyword
 from ..topology import DST_METHODS, Static
+from ..training_kernels import SparseTraining, sparse_training
 from .config import TrainConfig
 
 
@@ -32,6 +33,7 @@ class RunObjects:
     masks: MaskSet | None
     optimizer: torch.optim.Optimizer
     topology: Static | None
+    sparse: SparseTraining | None = None  # the sparse training kernels (kernels=sparse or auto)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,9 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
     )
     updater = DST_METHODS[cfg.dst]
     kwargs = {**topology_options(cfg, updater, total_steps, method["prune_score"]), **cfg.dst_kwargs}
-    return RunObjects(model, masks, optimizer, updater(masks, optimizer, **kwargs))
+    topology = updater(masks, optimizer, **kwargs)
+    sparse = sparse_training(masks, cfg.kernels, topology) if cfg.kernels != "masked" else None
+    return RunObjects(model, masks, optimizer, topology, sparse)
 
 
 def topology_options(cfg: TrainConfig, updater: type, total_steps: int, prune_score: str) -> dict[str, object]:

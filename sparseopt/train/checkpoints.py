@@ -31,6 +31,7 @@ def training_state(cfg: TrainConfig, run: RunObjects, scheduler, *, epoch: int, 
         "masks": run.masks.state_dict() if run.masks is not None else None,
         "optimizer": run.optimizer.state_dict(),
         "topology": run.topology.state_dict() if run.topology is not None else None,
+        "sparse_training": run.sparse.state_dict() if run.sparse is not None else None,
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "seconds": seconds,
@@ -72,6 +73,8 @@ def restore(path: Path, cfg: TrainConfig, run: RunObjects, scheduler, device: to
     run.optimizer.load_state_dict(state["optimizer"])
     if run.topology is not None:
         run.topology.load_state_dict(state["topology"])
+    if run.sparse is not None and state.get("sparse_training"):
+        run.sparse.load_state_dict(state["sparse_training"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"].cpu())
     return state

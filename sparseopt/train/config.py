@@ -31,6 +31,7 @@ from ..optim.scales import SCALE_SOURCES
 from ..optim.sparseopt import LAYER_CHOICES
 from ..topology.scores import PRUNE_SCORES
 from ..topology.updaters import DST_METHODS, GROWTH_GRADIENTS
+from ..training_kernels import KERNEL_MODES
 
 ROLES = ("method", "run", "runtime")
 # torch.compile's modes (torch.compile(mode=...)).
@@ -166,6 +167,10 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model (GPU speed option; ignored on CPU)", role="runtime")
     compile_mode: str = option(
         "default", "torch.compile mode: reduce-overhead captures the step in CUDA graphs (small, launch-bound models)", role="runtime", choices=names(COMPILE_MODES))
+    kernels: str = option(
+        "masked", "masked: dense kernels on masked weights; sparse: the compiled sparse kernels for every masked Conv2d "
+        "and Linear they take (CPU, float32); auto: per layer, the faster of the two on the first batch", role="runtime",
+        choices=names(KERNEL_MODES))
     cudnn_benchmark: bool = option(True, "let cuDNN pick the fastest convolution algorithms", role="runtime")
     sync_bn: bool = option(False, "SyncBatchNorm across ranks in distributed runs (CUDA only)", role="runtime")
     check_masks: bool = option(

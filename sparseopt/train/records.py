@@ -125,14 +125,32 @@ def write_header(out: Path, cfg: TrainConfig, device: torch.device, world_size: 
 
 
 def run_facts(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, peak_lr: float, topology,
-              data=None) -> dict[str, Any]:
-    """What a run derived from its config (recorded once, in env.json): schedule, method, data pipeline."""
+              data=None, sparse=None) -> dict[str, Any]:
+    """What a run derived from its config (recorded once, in env.json): schedule, method, data pipeline, kernels."""
     facts = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "peak_lr": peak_lr,
-             "data": getattr(data, "facts", {})}
+             "data": getattr(data, "facts", {}), "kernels": kernels_record(cfg, sparse)}
     if topology is not None:
         facts.update(resolved=resolve_method(cfg), topology=topology.config(), delta_t_effective=effective_delta_t(cfg),
                      topology_updates_planned=planned_updates(topology))
     return facts
+
+
+def kernels_record(cfg: TrainConfig, sparse) -> dict[str, Any]:
+    """Which kernels train the masked layers: the mode and, per layer, the decision and its reason."""
+    return sparse.report() if sparse is not None else {"kernels": cfg.kernels, "layers": {}}
+
+
+def record_kernels(out: Path, cfg: TrainConfig, sparse, is_main: bool) -> str:
+    """Write the per-layer kernel decisions into env.json once they are made (``auto``: on the first batch); the log line."""
+    record = kernels_record(cfg, sparse)
+    if is_main:
+        env = json.loads((out / "env.json").read_text())
+        env["kernels"] = record
+        write_json(out / "env.json", env)
+    layers = record["layers"].values()
+    on_sparse = sum(d.get("kernel") == "sparse" for d in layers)
+    return (f"kernels={record['kernels']}: {on_sparse} of {len(layers)} masked layers train on the sparse kernels "
+            f"({record['backend']}), the others masked dense (env.json: kernels)")
 
 
 def truncate_metrics(out: Path, epoch: int, saved: list[dict[str, Any]] | None = None) -> None:
@@ -184,6 +202,7 @@ def run_results(cfg: TrainConfig, out: Path, last: dict[str, Any], *, epoch: int
         results["topology_updates"] = run.topology.num_updates
         results["topology_updates_planned"] = planned_updates(run.topology)
         results["topology_updates_skipped"] = run.topology.skipped_updates  # non-finite growth scores
+        results["kernels"] = kernels_record(cfg, run.sparse)
     return results
 
 

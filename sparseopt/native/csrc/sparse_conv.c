@@ -31,18 +31,7 @@
  * Kept in plain C (no torch headers): it compiles in about a second, and is
  * called through ctypes with raw pointers (docs/deployment.md: why).
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define SPARSEOPT_X86 1
-#endif
-
-#define SPARSEOPT_ABI_VERSION 3
+#include "sparseopt.h"
 
 typedef struct {
     const float *x;        /* packed input, image n at x + n * x_n */
@@ -148,7 +137,6 @@ static void tile_portable(const sconv_args *a, int64_t n, int64_t p0, int64_t o0
 
 #ifdef SPARSEOPT_X86
 /* ---- AVX-512 ----------------------------------------------------------------- */
-#define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
 #define V16 16
 #define T16 (4 * V16)
 
@@ -156,49 +144,57 @@ static inline __mmask16 lanes16(int64_t lo, int64_t hi) {
     return (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
-AVX512_TARGET static void tile_avx512(const sconv_args *a, int64_t n, int64_t p0, int64_t o0, int64_t o1) {
+/* A tile of NV vectors (NV a constant after inlining: 4 or 8). With 8 accumulators the two FMA
+ * pipes of a Zen 4/5 or Xeon core each have a chain to work on while the other's result is four
+ * cycles away, and the per-channel epilogue is shared by twice the pixels; small planes (ResNet's
+ * 8x8 stage, batch-1 inference) keep 4, whose tile does not run past their grid. */
+AVX512_TARGET static inline __attribute__((always_inline)) void
+tile16(const sconv_args *a, int64_t n, int64_t p0, int64_t o0, int64_t o1, const int NV) {
     const int64_t L = (a->Ho - 1) * a->Wq + a->Wo;
     const float *x = a->x + n * a->x_n + p0;
-    const int full = L - p0 >= T16;  /* else the grid's last tile: masked loads, nothing past the grid is read */
-    const int64_t nv = full ? 4 : (L - p0 + V16 - 1) / V16;
-    seg_t seg[MAX_SEGS(V16)];
-    __mmask16 sm[MAX_SEGS(V16)];
+    const int full = L - p0 >= NV * V16;  /* else the grid's last tile: masked loads, nothing past the grid is read */
+    const int64_t nv = full ? NV : (L - p0 + V16 - 1) / V16;
+    seg_t seg[8 * (V16 + 2)];
+    __mmask16 sm[8 * (V16 + 2)];
     const int64_t ns = tile_segments(a, p0, nv, V16, seg);
     for (int64_t k = 0; k < ns; k++) sm[k] = lanes16(seg[k].lo, seg[k].hi);
-    __mmask16 lm[4];  /* load masks: only lanes inside the grid are read */
-    for (int64_t v = 0; v < 4; v++) {
+    __mmask16 lm[8];  /* load masks: only lanes inside the grid are read (none past it: a zero mask loads nothing) */
+    for (int v = 0; v < NV; v++) {
         int64_t left = L - p0 - v * V16;
         lm[v] = left >= V16 ? (__mmask16)0xffff : left > 0 ? lanes16(0, left) : 0;
     }
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t o = o0; o < o1; o++) {
         const __m512 b = _mm512_set1_ps(a->bias ? a->bias[o] : 0.0f);
-        __m512 c0 = b, c1 = b, c2 = b, c3 = b;
+        __m512 c[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) c[v] = b;
         const int32_t end = a->rowptr[o + 1];
         if (full) {  /* plain loads */
             for (int32_t j = a->rowptr[o]; j < end; j++) {
                 const __m512 w = _mm512_set1_ps(a->val[j]);
                 const float *src = x + a->off[j];
-                c0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(src), c0);
-                c1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(src + 16), c1);
-                c2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(src + 32), c2);
-                c3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(src + 48), c3);
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; v++) c[v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(src + v * V16), c[v]);
             }
-        } else {  /* the grid's last tile: masked loads, nothing past it is read */
+        } else {
             for (int32_t j = a->rowptr[o]; j < end; j++) {
                 const __m512 w = _mm512_set1_ps(a->val[j]);
                 const float *src = x + a->off[j];
-                c0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[0], src), c0);
-                if (nv > 1) c1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[1], src + 16), c1);
-                if (nv > 2) c2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[2], src + 32), c2);
-                if (nv > 3) c3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[3], src + 48), c3);
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; v++)
+                    c[v] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lm[v], src + v * V16), c[v]);
             }
         }
-        const __m512 c[4] = {c0, c1, c2, c3};
+        /* a copy for the epilogue's run-time index: c itself must only be indexed by constants, or the
+         * compiler keeps the accumulators in memory through the loop above */
+        __m512 cs[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) cs[v] = c[v];
         float *yb = a->y + n * a->y_n + o * a->y_c;
         const float *rb = a->r ? a->r + n * a->r_n + o * a->r_c : NULL;
         for (int64_t k = 0; k < ns; k++) {
-            __m512 out = c[seg[k].v];
+            __m512 out = cs[seg[k].v];
             if (rb) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(sm[k], rb + seg[k].r));
             if (a->relu) out = _mm512_max_ps(out, zero);
             _mm512_mask_storeu_ps(yb + seg[k].y, sm[k], out);
@@ -206,8 +202,15 @@ AVX512_TARGET static void tile_avx512(const sconv_args *a, int64_t n, int64_t p0
     }
 }
 
+AVX512_TARGET static void tile_avx512(const sconv_args *a, int64_t n, int64_t p0, int64_t o0, int64_t o1) {
+    tile16(a, n, p0, o0, o1, 4);
+}
+
+AVX512_TARGET static void tile_avx512_wide(const sconv_args *a, int64_t n, int64_t p0, int64_t o0, int64_t o1) {
+    tile16(a, n, p0, o0, o1, 8);
+}
+
 /* ---- AVX2 + FMA -------------------------------------------------------------- */
-#define AVX2_TARGET __attribute__((target("avx2,fma")))
 #define V8 8
 #define T8 (4 * V8)
 
@@ -270,8 +273,6 @@ AVX2_TARGET static void tile_avx2(const sconv_args *a, int64_t n, int64_t p0, in
 #endif /* SPARSEOPT_X86 */
 
 /* ---- dispatch ------------------------------------------------------------------ */
-enum { PATH_PORTABLE = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
-
 /* The best path this CPU runs (the caller may ask for a lower one). */
 static int best_path = -1;
 
@@ -288,8 +289,6 @@ int sparseopt_best_path(void) {
 #endif
     return best_path;
 }
-
-#define SERIAL_WORK 1000000
 
 typedef void (*tile_fn)(const sconv_args *, int64_t, int64_t, int64_t, int64_t);
 
@@ -325,7 +324,11 @@ int sparseopt_sconv(const sconv_args *a, int path) {
     tile_fn fn = tile_portable;
     int64_t tile = PTILE;
 #ifdef SPARSEOPT_X86
-    if (path == PATH_AVX512) { fn = tile_avx512; tile = T16; }
+    if (path == PATH_AVX512) {
+        const int64_t L = (a->Ho - 1) * a->Wq + a->Wo;
+        if (L >= 4 * T16) { fn = tile_avx512_wide; tile = 2 * T16; }  /* at least two wide tiles per image */
+        else { fn = tile_avx512; tile = T16; }
+    }
     else if (path == PATH_AVX2) { fn = tile_avx2; tile = T8; }
 #endif
     if (a->N <= 0 || a->O <= 0 || a->Ho <= 0 || a->Wo <= 0) return 0;

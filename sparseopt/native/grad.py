@@ -1,0 +1,163 @@
+"""The backward of the direct sparse convolution and of the sparse linear: what sparse training runs.
+
+For a masked weight ``W`` (zeros off the mask) and the forward ``y = conv(x, W)`` of
+:func:`~sparseopt.native.conv.conv2d`:
+
+* the input gradient is a convolution of the output gradient with the transposed, spatially
+  flipped weight, run by the same compiled kernel (:class:`TrainingWeight` keeps that CSR too).
+  Stride 1: ``conv(dy, W^T flipped, padding k - 1 - p)``. Stride s > 1: ``dy`` is first spread
+  over a zero grid (``s - 1`` zeros between its pixels) and padded on each side, a stride-1
+  convolution of that grid; this spends ``s^2`` times the useful multiply-adds on the stride-2
+  layers, which are 2 of ResNet-20's 19 convolutions.
+* the weight gradient at the active positions only is one dot product per active weight
+  (``csrc/sparse_grad.c``), the masked dense gradient's values there; the inactive positions get 0.
+
+:class:`TrainingWeight` is built once per mask (after each topology update) and gathers the
+current values from the dense parameter at each step: the parameter stays a dense tensor with
+zeros, so optimizers, DST updates, checkpoints and DDP see what they see in masked training.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import build
+from .conv import (
+    DirectWeight,
+    Geometry,
+    _check_input,
+    _conv_offsets,
+    _workspace,
+    conv2d,
+    geometry,
+    linear,
+    pack,
+)
+
+
+class _WgradArgs(ctypes.Structure):
+    """Mirror of ``wgrad_args`` in csrc/sparse_grad.c."""
+
+    _fields_ = [("x", ctypes.c_void_p), ("x_n", ctypes.c_int64),
+                ("dy", ctypes.c_void_p), ("dy_n", ctypes.c_int64), ("dy_c", ctypes.c_int64),
+                ("off", ctypes.c_void_p), ("rowptr", ctypes.c_void_p),
+                ("N", ctypes.c_int64), ("O", ctypes.c_int64), ("L", ctypes.c_int64),
+                ("dval", ctypes.c_void_p), ("work", ctypes.c_void_p), ("threads", ctypes.c_int64)]
+
+
+GROUPS = 16  # partial sums kept by the kernel (csrc/sparse_grad.c)
+
+
+def _weight_grad(x: int, x_n: int, dy: torch.Tensor, n: int, plane: int, offsets: torch.Tensor,
+                 rowptr: torch.Tensor, length: int) -> torch.Tensor:
+    """The gradient of the active weights: ``dval[j] = sum_n sum_{p < length} dy[n, o, p] * x[n, off[j] + p]``.
+
+    ``x``: address of image 0 of the packed input, ``x_n`` floats apart; ``dy``: the output gradient on
+    the grid, plane ``(n, o)`` at ``n * O * plane + o * plane``.
+    """
+    nnz = int(rowptr[-1])
+    out = torch.empty(nnz, dtype=torch.float32)
+    work = torch.empty(max(GROUPS * nnz, 1), dtype=torch.float32)
+    channels = rowptr.numel() - 1
+    args = _WgradArgs(x, x_n, dy.data_ptr(), channels * plane, plane, offsets.data_ptr(), rowptr.data_ptr(), n, channels,
+                      length,
+                      out.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    backend, lib = build.load()
+    if lib.sparseopt_wgrad(ctypes.byref(args), build.path_number(backend.path)) != 0:
+        raise RuntimeError(f"the compiled kernel refused path {backend.path}")
+    return out
+
+
+class TrainingWeight:
+    """A mask's forward and transposed CSR, and where their values sit in the dense weight.
+
+    ``forward``: rows by output channel, as :class:`~sparseopt.native.conv.DirectWeight`;
+    ``transposed``: rows by input channel of ``W^T`` with the kernel flipped (the input gradient's
+    weight). ``gather`` / ``gather_t``: flat positions in the dense weight of each CSR value.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        mask = mask.detach().to("cpu", torch.bool)
+        self.shape = tuple(mask.shape)
+        index = torch.arange(mask.numel()).view(self.shape)
+        self.forward = DirectWeight(None, mask)
+        self.gather = index[mask]  # row-major: the CSR order
+        flipped = tuple(range(2, mask.dim()))
+        transposed = mask.transpose(0, 1).flip(flipped) if flipped else mask.t()
+        self.transposed = DirectWeight(None, transposed)
+        index_t = index.transpose(0, 1).flip(flipped) if flipped else index.t()
+        self.gather_t = index_t[transposed]
+        self.offsets: dict[tuple, torch.Tensor] = {}  # weight-gradient offsets per input geometry
+        self.nnz = int(self.gather.numel())
+
+    def refresh(self, weight: torch.Tensor) -> None:
+        """Copy the current values of the dense ``weight`` into the forward CSR (in place: plans hold its address)."""
+        torch.index_select(weight.detach().reshape(-1), 0, self.gather, out=self.forward.values)
+
+    def refresh_transposed(self, weight: torch.Tensor) -> None:
+        torch.index_select(weight.detach().reshape(-1), 0, self.gather_t, out=self.transposed.values)
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The dense gradient with ``values`` at the active positions and zeros elsewhere."""
+        grad = torch.zeros(self.shape, dtype=torch.float32)
+        grad.view(-1).index_copy_(0, self.gather, values)
+        return grad
+
+    def conv_offsets(self, g: Geometry, kernel) -> torch.Tensor:
+        key = (g, tuple(kernel))
+        offsets = self.offsets.get(key)
+        if offsets is None:
+            if len(self.offsets) >= 4:
+                self.offsets.pop(next(iter(self.offsets)))
+            offsets = self.offsets[key] = _conv_offsets(self.forward.columns, g, kernel).to(torch.int32).contiguous()
+        return offsets
+
+
+def conv2d_weight_grad(x: torch.Tensor, dy: torch.Tensor, tw: TrainingWeight, kernel, stride, padding) -> torch.Tensor:
+    """The gradient of ``conv(x, W)`` with respect to the active values of ``W`` (CSR order)."""
+    _check_input(x, "the sparse weight gradient", 4)
+    g = geometry(x.shape, kernel, stride, padding)
+    n, o = dy.shape[:2]
+    xp = pack(x, g, slot=0)
+    # dy on the forward's output grid (pitch Wq): the columns past Wo are zeros
+    plane = g.Ho * g.Wq
+    grid = _workspace(n * o * plane, slot=1)
+    _, lib = build.load()
+    lib.sparseopt_pack(dy.data_ptr(), n, o, g.Ho, g.Wo, *dy.stride(), 0, 0, 1, 1, 1, g.Ho, g.Wq, grid.data_ptr(),
+                       torch.get_num_threads())
+    length = (g.Ho - 1) * g.Wq + g.Wo
+    return _weight_grad(xp.data_ptr(), g.image, grid, n, plane, tw.conv_offsets(g, kernel), tw.forward.rowptr, length)
+
+
+def conv2d_input_grad(dy: torch.Tensor, tw: TrainingWeight, input_shape, kernel, stride, padding) -> torch.Tensor:
+    """The gradient of ``conv(x, W)`` with respect to ``x`` (``tw.transposed`` must hold current values)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    _, _, H, W = input_shape
+    qh, qw = kh - 1 - ph, kw - 1 - pw  # the transposed convolution's padding
+    if (sh, sw) == (1, 1):
+        return conv2d(dy, tw.transposed, None, kernel, (1, 1), (qh, qw))
+    n, o, ho, wo = dy.shape
+    # the rows/columns of the input that no output reads (the stride's remainder) add zeros below/right
+    eh, ew = H - ((ho - 1) * sh - 2 * ph + kh), W - ((wo - 1) * sw - 2 * pw + kw)
+    spread = torch.zeros((n, o, (ho - 1) * sh + 1 + 2 * qh + eh, (wo - 1) * sw + 1 + 2 * qw + ew), dtype=torch.float32)
+    spread[:, :, qh:qh + (ho - 1) * sh + 1:sh, qw:qw + (wo - 1) * sw + 1:sw] = dy
+    return conv2d(spread, tw.transposed, None, kernel, (1, 1), (0, 0))
+
+
+def linear_weight_grad(x: torch.Tensor, dy: torch.Tensor, tw: TrainingWeight) -> torch.Tensor:
+    """The gradient of ``x @ W.t()`` with respect to the active values of ``W``, for 2-D ``x`` and ``dy``."""
+    _check_input(x, "the sparse weight gradient", 2)
+    n = x.shape[0]
+    xt = x.t().contiguous()  # (in, N): the batch is the vector dimension, as in the forward
+    dyt = dy.t().contiguous()
+    key = ("linear", n)
+    offsets = tw.offsets.get(key)
+    if offsets is None:
+        offsets = tw.offsets[key] = (tw.forward.columns.to(torch.int64) * n).to(torch.int32).contiguous()
+    return _weight_grad(xt.data_ptr(), 0, dyt, 1, n, offsets, tw.forward.rowptr, n)
+
+
+def linear_input_grad(dy: torch.Tensor, tw: TrainingWeight) -> torch.Tensor:
+    return linear(dy, tw.transposed, None)

@@ -1,0 +1,180 @@
+"""``sparseopt bench-train``: one training step, masked dense against the sparse kernels, side by side.
+
+Both sides are built by the training code itself (:func:`~sparseopt.train.build.build_run`: the
+model, the masks, the SparseOpt chain and the topology updater of the config) from one seed, so they
+start equal and see the same batches. Rounds alternate between the sides. A step is forward, loss,
+backward, ``topology.step()`` and ``optimizer.step()``; the step that updates the topology (dense
+weight gradient for RigL, the mask update, the packed weights rebuilt at the next forward) is timed
+with the step after it (whose forward rebuilds the packed weights), and the step time reported is
+amortised over ``delta_t``:
+
+    step_ms = ((delta_t - 2) * plain_step_ms + update_pair_ms) / delta_t
+
+``max_rel_loss_diff`` compares the two sides' losses over the same steps from the same start. The
+breakdown gives, per side, the step's parts (forward, backward, topology, optimizer) and the operator
+classes of one profiled step (convolutions and linear layers, BatchNorm, the rest), and per masked
+layer the forward + backward of that layer alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..native import build as native_build
+from ..training_kernels import sparse_training
+from .build import build_run, make_model, model_spec
+from .config import TrainConfig
+
+TOTAL_STEPS = 10**6  # the schedule's length: the drop fraction stays near alpha during the benchmark
+DEFAULT_DATASETS = {"mlp": "mnist", "resnet50": "imagenet"}
+
+
+@dataclasses.dataclass
+class _Side:
+    name: str
+    run: Any
+    criterion: nn.Module
+    losses: list[float] = dataclasses.field(default_factory=list)
+    parts: dict[str, list[float]] = dataclasses.field(default_factory=lambda: {"forward": [], "backward": [],
+                                                                                "topology": [], "optimizer": []})
+    plain: list[float] = dataclasses.field(default_factory=list)
+    update: list[float] = dataclasses.field(default_factory=list)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, record: bool = True, compare: bool = False) -> float:
+        run = self.run
+        t0 = time.perf_counter()
+        loss = self.criterion(run.model(x), y)
+        t1 = time.perf_counter()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        run.topology.step()
+        t3 = time.perf_counter()
+        run.optimizer.step()
+        t4 = time.perf_counter()
+        if record:
+            for part, seconds in zip(self.parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                self.parts[part].append(seconds)
+        if compare:
+            self.losses.append(loss.item())
+        return t4 - t0
+
+
+def _median_ms(samples: list[float]) -> float:
+    return sorted(samples)[len(samples) // 2] * 1e3 if samples else float("nan")
+
+
+def _op_classes(side: _Side, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Milliseconds of one step by operator class (torch.profiler, self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        side.step(x, y, record=False)
+    classes = {"convolution_and_linear": 0.0, "batchnorm": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        ms = event.self_cpu_time_total / 1e3
+        if any(k in name for k in ("convolution", "conv2d", "addmm", "aten::mm", "sparseconv", "sparselinear")):
+            classes["convolution_and_linear"] += ms
+        elif "batch_norm" in name:
+            classes["batchnorm"] += ms
+        else:
+            classes["other"] += ms
+    return {k: round(v, 3) for k, v in classes.items()}
+
+
+def _layer_table(side: _Side, x: torch.Tensor) -> list[dict[str, Any]]:
+    """Per masked layer: forward + backward of the layer alone, masked dense against sparse (ms)."""
+    inputs: dict[str, torch.Tensor] = {}
+    def keep(name: str):
+        def hook(module, args, output) -> None:
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    hooks = [layer.module.register_forward_hook(keep(layer.name)) for layer in side.run.masks]
+    with torch.no_grad():
+        side.run.model(x)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for name, state in side.run.sparse._layers.items():
+        if name not in inputs:
+            continue
+        masked_ms, sparse_ms = state.time_paths(inputs[name].requires_grad_(name != side.run.masks.names[0]))
+        density = side.run.masks.densities()[name]
+        rows.append({"layer": name, "density": round(density, 4), "input": list(inputs[name].shape),
+                     "masked_ms": round(masked_ms, 3), "sparse_ms": round(sparse_ms, 3),
+                     "speedup": round(masked_ms / sparse_ms, 3)})
+    return rows
+
+
+def bench_train(cfg: TrainConfig, *, threads: int | None = None, steps: int = 5, rounds: int = 3,
+                kernels: str = "sparse", layers: bool = True, profile: bool = True) -> dict[str, Any]:
+    """Masked dense against sparse training steps of ``cfg``'s model, masks, optimizer and DST method."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    spec = model_spec(cfg)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    batches = [(torch.randn((cfg.batch_size, *spec.in_shape), generator=g),
+                torch.randint(0, spec.num_classes, (cfg.batch_size,), generator=g)) for _ in range(steps + 1)]
+    sides = []
+    for name in ("masked", kernels):
+        torch.manual_seed(cfg.seed)
+        run = build_run(cfg, make_model(cfg), TOTAL_STEPS, cfg.lr)
+        if name != "masked":
+            run.sparse = sparse_training(run.masks, name, run.topology)
+        sides.append(_Side(name, run, nn.CrossEntropyLoss()))
+    masked, sparse = sides
+    delta_t = getattr(masked.run.topology, "delta_t", None)
+    dynamic = delta_t is not None
+    for side in sides:  # warm-up (and auto's per-layer timing); its loss is the first compared
+        side.step(*batches[0], record=False, compare=True)
+    for r in range(rounds):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            for i in range(steps):
+                if dynamic:  # plain steps: an iteration count that is never an update step
+                    side.run.topology.t = delta_t * (2 * r + 1) + 1
+                side.plain.append(side.step(*batches[1 + i], record=r == 0, compare=r == 0))
+            if dynamic:  # the step that updates the topology, and the next (its forward rebuilds the packed weights)
+                side.run.topology.t = delta_t * (2 * r + 2)
+                seconds = side.step(*batches[0], record=False)
+                side.run.topology.t = delta_t * (2 * r + 2) + 1
+                side.update.append(seconds + side.step(*batches[0], record=False))
+    result: dict[str, Any] = {
+        "what": f"{cfg.model} {cfg.structure} {cfg.distribution} sparsity {cfg.sparsity:g}, dst {cfg.dst}, "
+                f"delta_t {delta_t}, batch {cfg.batch_size}",
+        "config": {k: getattr(cfg, k) for k in ("model", "dataset", "sparsity", "distribution", "structure", "nm",
+                                                 "dst", "delta_t", "batch_size", "optimizer", "seed")},
+        "threads": torch.get_num_threads(), "steps": steps, "rounds": rounds, "data": "synthetic (standard normal)",
+        "backend": native_build.backend().as_dict(), "kernels": sparse.run.sparse.report(),
+    }
+    for side in sides:
+        plain = _median_ms(side.plain)
+        # delta_t steps hold one update step and the step after it: (delta_t - 2) plain steps and that pair
+        amortised = plain if not dynamic else ((delta_t - 2) * plain + _median_ms(side.update)) / delta_t
+        result[f"{side.name if side is masked else 'sparse'}_ms"] = round(amortised, 3)
+        result[f"{'masked' if side is masked else 'sparse'}_breakdown"] = {
+            "plain_step_ms": round(plain, 3),
+            "update_pair_ms": round(_median_ms(side.update), 3) if dynamic else None,  # the update step + the next
+            "parts_ms": {k: round(_median_ms(v), 3) for k, v in side.parts.items()},
+        }
+    result["speedup"] = round(result["masked_ms"] / result["sparse_ms"], 3)
+    result["max_rel_loss_diff"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(masked.losses, sparse.losses))
+    result["rebuild_ms_per_update"] = round(1e3 * sparse.run.sparse.rebuild_seconds / max(sparse.run.sparse.rebuilds, 1)
+                                            * len(sparse.run.sparse._layers), 3)
+    if profile:
+        for side in sides:
+            key = "masked" if side is masked else "sparse"
+            result[f"{key}_breakdown"]["ops_ms"] = _op_classes(side, *batches[1])
+    if layers:
+        result["layers"] = _layer_table(sparse, batches[1][0])
+    return result
+
+
+def default_dataset(model: str) -> str:
+    return DEFAULT_DATASETS.get(model, "cifar10")

@@ -1,0 +1,76 @@
+"""Autograd functions of masked Conv2d and Linear layers on the compiled sparse kernels.
+
+Forward, input gradient and weight gradient each cost the active weights' share of the dense
+multiply-adds (:mod:`sparseopt.native.grad`). The weight gradient is returned as a dense tensor
+holding the masked dense gradient at the active positions and zeros elsewhere, so the optimizer,
+gradient clipping, ``GradScaler``, DDP's all-reduce and the topology updaters see the tensor they see
+in masked training. On the steps where a topology update needs the gradient at every position
+(RigL's growth), ``dense_grad`` makes the weight gradient a dense pass of torch's kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..native import conv as native_conv
+from ..native import grad as native_grad
+
+
+class SparseConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tw: native_grad.TrainingWeight, geometry: tuple, dense_grad: bool):
+        kernel, stride, padding = geometry
+        tw.refresh(weight)
+        y = native_conv.conv2d(x.contiguous(), tw.forward, None if bias is None else bias.detach().contiguous(),
+                               kernel, stride, padding)
+        ctx.save_for_backward(x, weight)
+        ctx.tw, ctx.geometry, ctx.dense_grad, ctx.has_bias = tw, geometry, dense_grad, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        kernel, stride, padding = ctx.geometry
+        tw: native_grad.TrainingWeight = ctx.tw
+        dy = dy.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[1]:
+            if ctx.dense_grad:
+                dw = torch.ops.aten.convolution_backward(dy, x, weight, None, list(stride), list(padding), [1, 1], False,
+                                                         [0, 0], 1, [False, True, False])[1]
+            else:
+                dw = tw.dense(native_grad.conv2d_weight_grad(x.contiguous(), dy, tw, kernel, stride, padding))
+        if ctx.needs_input_grad[0]:
+            tw.refresh_transposed(weight)
+            dx = native_grad.conv2d_input_grad(dy, tw, x.shape, kernel, stride, padding)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db, None, None, None
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tw: native_grad.TrainingWeight, dense_grad: bool):
+        tw.refresh(weight)
+        y = native_conv.linear(x, tw.forward, None if bias is None else bias.detach().contiguous())
+        ctx.save_for_backward(x, weight)
+        ctx.tw, ctx.dense_grad, ctx.has_bias = tw, dense_grad, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        tw: native_grad.TrainingWeight = ctx.tw
+        rows, grads = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]).contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[1]:
+            if ctx.dense_grad:
+                dw = grads.t() @ rows
+            else:
+                dw = tw.dense(native_grad.linear_weight_grad(rows.contiguous(), grads, tw))
+        if ctx.needs_input_grad[0]:
+            tw.refresh_transposed(weight)
+            dx = native_grad.linear_input_grad(grads, tw).reshape(x.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grads.sum(0)
+        return dx, dw, db, None, None
