@@ -108,7 +108,8 @@ def test_weight_gradient_is_the_same_for_any_thread_count(native):
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(native_grad.conv2d_weight_grad(x, dy, tw, (3, 3), (1, 1), (1, 1)))
+            packed = native_grad.packed_input(x, tw, (3, 3), (1, 1), (1, 1))
+            results.append(native_grad.conv2d_backward(x, dy, tw, (3, 3), (1, 1), (1, 1), packed, False, True)[1])
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1])

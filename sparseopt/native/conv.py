@@ -159,13 +159,15 @@ def _workspace(numel: int, slot: int = 0) -> torch.Tensor:
     return buffer[:numel]
 
 
-def pack(x: torch.Tensor, g: Geometry, slot: int = 0) -> torch.Tensor:
+def pack(x: torch.Tensor, g: Geometry, slot: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """The zero-padded, phase-split copy of ``x`` that the kernel reads: ``(N, image)`` floats.
 
-    Written into this thread's workspace ``slot``: valid until the next ``pack`` into that slot.
+    Written into ``out`` when given, else into this thread's workspace ``slot`` (valid until the next
+    ``pack`` into that slot).
     """
     _, lib = build.load()
-    out = _workspace(x.shape[0] * g.image, slot).view(x.shape[0], g.image)
+    if out is None:
+        out = _workspace(x.shape[0] * g.image, slot).view(x.shape[0], g.image)
     lib.sparseopt_pack(x.data_ptr(), x.shape[0], g.C, g.H, g.W, *x.stride(), g.pad[0], g.pad[1], g.stride[0],
                        g.phases[0], g.phases[1], g.Hq, g.Wq, out.data_ptr(), torch.get_num_threads())
     return out
@@ -218,11 +220,13 @@ def _image_mode(x: torch.Tensor, g: Geometry) -> str:
 
 
 def conv2d(x: torch.Tensor, weight: DirectWeight, bias: torch.Tensor | None, kernel, stride, padding,
-           residual: torch.Tensor | None = None, relu: bool = False, out_padding=(0, 0)) -> torch.Tensor:
+           residual: torch.Tensor | None = None, relu: bool = False, out_padding=(0, 0),
+           packed: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, W * mask, bias, stride, padding)`` (+ ``residual``) (ReLU), fp32, dilation 1, groups 1.
 
     ``out_padding``: return a view into a buffer with that many zero rows and columns around it,
     which the next direct convolution of stride 1 and that padding reads without copying.
+    ``packed``: ``x`` already packed for this geometry (:func:`pack`); ``x`` then gives the shape only.
     """
     _check_input(x, "the direct sparse convolution", 4)
     out_padding = tuple(out_padding)
@@ -239,7 +243,9 @@ def conv2d(x: torch.Tensor, weight: DirectWeight, bias: torch.Tensor | None, ker
 
     plan = weight.plan(key, make)
     g = plan.geometry
-    if plan.mode == "padded":
+    if packed is not None:
+        image = packed.data_ptr()
+    elif plan.mode == "padded":
         image = x.data_ptr() - (g.pad[0] * g.Wq + g.pad[1]) * 4
     elif plan.mode == "as_is":
         image = x.data_ptr()

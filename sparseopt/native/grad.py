@@ -50,19 +50,17 @@ class _WgradArgs(ctypes.Structure):
 GROUPS = 16  # partial sums kept by the kernel (csrc/sparse_grad.c)
 
 
-def _weight_grad(x: int, x_n: int, dy: torch.Tensor, n: int, plane: int, offsets: torch.Tensor,
+def _weight_grad(x: int, x_n: int, dy: int, dy_n: int, plane: int, n: int, offsets: torch.Tensor,
                  rowptr: torch.Tensor, length: int) -> torch.Tensor:
     """The gradient of the active weights: ``dval[j] = sum_n sum_{p < length} dy[n, o, p] * x[n, off[j] + p]``.
 
-    ``x``: address of image 0 of the packed input, ``x_n`` floats apart; ``dy``: the output gradient on
-    the grid, plane ``(n, o)`` at ``n * O * plane + o * plane``.
+    ``x``: address of image 0 of the packed input, ``x_n`` floats apart; ``dy``: address of the output
+    gradient on the grid, plane ``(n, o)`` at ``n * dy_n + o * plane`` floats.
     """
     nnz = int(rowptr[-1])
     out = torch.empty(nnz, dtype=torch.float32)
     work = torch.empty(max(GROUPS * nnz, 1), dtype=torch.float32)
-    channels = rowptr.numel() - 1
-    args = _WgradArgs(x, x_n, dy.data_ptr(), channels * plane, plane, offsets.data_ptr(), rowptr.data_ptr(), n, channels,
-                      length,
+    args = _WgradArgs(x, x_n, dy, dy_n, plane, offsets.data_ptr(), rowptr.data_ptr(), n, rowptr.numel() - 1, length,
                       out.data_ptr(), work.data_ptr(), torch.get_num_threads())
     backend, lib = build.load()
     if lib.sparseopt_wgrad(ctypes.byref(args), build.path_number(backend.path)) != 0:
@@ -91,6 +89,22 @@ class TrainingWeight:
         self.gather_t = index_t[transposed]
         self.offsets: dict[tuple, torch.Tensor] = {}  # weight-gradient offsets per input geometry
         self.nnz = int(self.gather.numel())
+        self._free: list[torch.Tensor] = []  # packed-input buffers, reused from step to step
+
+    def buffer(self, numel: int) -> torch.Tensor:
+        """A float buffer for one forward's packed input, kept until its backward gives it back.
+
+        Reused from step to step: a fresh one per step is page-faulted in again (as long as a pack
+        itself); two forwards before one backward each get their own.
+        """
+        for i, buffer in enumerate(self._free):
+            if buffer.numel() == numel:
+                return self._free.pop(i)
+        return torch.empty(numel, dtype=torch.float32)
+
+    def release(self, buffer: torch.Tensor | None) -> None:
+        if buffer is not None and len(self._free) < 2:
+            self._free.append(buffer)
 
     def refresh(self, weight: torch.Tensor) -> None:
         """Copy the current values of the dense ``weight`` into the forward CSR (in place: plans hold its address)."""
@@ -115,35 +129,60 @@ class TrainingWeight:
         return offsets
 
 
-def conv2d_weight_grad(x: torch.Tensor, dy: torch.Tensor, tw: TrainingWeight, kernel, stride, padding) -> torch.Tensor:
-    """The gradient of ``conv(x, W)`` with respect to the active values of ``W`` (CSR order)."""
-    _check_input(x, "the sparse weight gradient", 4)
+def packed_input(x: torch.Tensor, tw: TrainingWeight, kernel, stride, padding) -> torch.Tensor | None:
+    """``x`` packed for the forward into a buffer of ``tw``'s (kept for the weight gradient), or None when the
+    kernel reads ``x`` as it is (a 1x1 convolution of stride 1 without padding)."""
+    g = geometry(x.shape, kernel, stride, padding)
+    if g.pad == (0, 0) and g.stride == (1, 1) and x.is_contiguous():
+        return None
+    return pack(x, g, out=tw.buffer(x.shape[0] * g.image).view(x.shape[0], g.image))
+
+
+def conv2d_backward(x: torch.Tensor, dy: torch.Tensor, tw: TrainingWeight, kernel, stride, padding,
+                    packed: torch.Tensor | None, need_input: bool, need_weight: bool):
+    """``(dx, dval)``: the input gradient (``tw.transposed`` must hold current values) and the gradient of the
+    active weights in CSR order, each None when not needed. ``packed``: from :func:`packed_input`."""
+    _check_input(dy, "the sparse convolution's backward", 4)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    qh, qw = kh - 1 - ph, kw - 1 - pw  # the transposed convolution's padding
     g = geometry(x.shape, kernel, stride, padding)
     n, o = dy.shape[:2]
-    xp = pack(x, g, slot=0)
-    # dy on the forward's output grid (pitch Wq): the columns past Wo are zeros
-    plane = g.Ho * g.Wq
-    grid = _workspace(n * o * plane, slot=1)
     _, lib = build.load()
-    lib.sparseopt_pack(dy.data_ptr(), n, o, g.Ho, g.Wo, *dy.stride(), 0, 0, 1, 1, 1, g.Ho, g.Wq, grid.data_ptr(),
-                       torch.get_num_threads())
-    length = (g.Ho - 1) * g.Wq + g.Wo
-    return _weight_grad(xp.data_ptr(), g.image, grid, n, plane, tw.conv_offsets(g, kernel), tw.forward.rowptr, length)
-
-
-def conv2d_input_grad(dy: torch.Tensor, tw: TrainingWeight, input_shape, kernel, stride, padding) -> torch.Tensor:
-    """The gradient of ``conv(x, W)`` with respect to ``x`` (``tw.transposed`` must hold current values)."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    _, _, H, W = input_shape
-    qh, qw = kh - 1 - ph, kw - 1 - pw  # the transposed convolution's padding
-    if (sh, sw) == (1, 1):
-        return conv2d(dy, tw.transposed, None, kernel, (1, 1), (qh, qw))
-    n, o, ho, wo = dy.shape
-    # the rows/columns of the input that no output reads (the stride's remainder) add zeros below/right
-    eh, ew = H - ((ho - 1) * sh - 2 * ph + kh), W - ((wo - 1) * sw - 2 * pw + kw)
-    spread = torch.zeros((n, o, (ho - 1) * sh + 1 + 2 * qh + eh, (wo - 1) * sw + 1 + 2 * qw + ew), dtype=torch.float32)
-    spread[:, :, qh:qh + (ho - 1) * sh + 1:sh, qw:qw + (wo - 1) * sw + 1:sw] = dy
-    return conv2d(spread, tw.transposed, None, kernel, (1, 1), (0, 0))
+    dx = dval = None
+    shared = (sh, sw) == (1, 1) and (qh, qw) == (ph, pw)  # "same" convolutions: one padded dy serves both
+    dyp = None
+    if need_input and (sh, sw) == (1, 1):
+        gd = geometry(dy.shape, kernel, (1, 1), (qh, qw))
+        dyp = pack(dy, gd, slot=1)
+    if need_weight:
+        length = (g.Ho - 1) * g.Wq + g.Wo
+        image = x.data_ptr() if packed is None else packed.data_ptr()
+        if shared and dyp is not None:  # dy's rows sit inside its zero border, which has the forward's pitch
+            plane = gd.Hq * gd.Wq
+            grid = dyp.data_ptr() + (ph * gd.Wq + pw) * 4
+        else:  # dy on the forward's output grid (pitch Wq): the columns past Wo are zeros
+            plane = g.Ho * g.Wq
+            buffer = _workspace(n * o * plane, slot=2)
+            lib.sparseopt_pack(dy.data_ptr(), n, o, g.Ho, g.Wo, *dy.stride(), 0, 0, 1, 1, 1, g.Ho, g.Wq,
+                               buffer.data_ptr(), torch.get_num_threads())
+            grid = buffer.data_ptr()
+        if packed is None and x.data_ptr() == image:
+            _check_input(x, "the sparse weight gradient", 4)
+        dval = _weight_grad(image, g.image, grid, o * plane, plane, n, tw.conv_offsets(g, kernel), tw.forward.rowptr,
+                            length)
+    if need_input:
+        if dyp is not None:
+            dx = conv2d(dy, tw.transposed, None, kernel, (1, 1), (qh, qw), packed=dyp)
+        else:  # stride > 1: dy spread over a zero grid, padded so that the output is x's size
+            _, _, H, W = x.shape
+            ho, wo = dy.shape[2:]
+            # the rows/columns of the input that no output reads (the stride's remainder) add zeros below/right
+            eh, ew = H - ((ho - 1) * sh - 2 * ph + kh), W - ((wo - 1) * sw - 2 * pw + kw)
+            shape = (n, o, (ho - 1) * sh + 1 + 2 * qh + eh, (wo - 1) * sw + 1 + 2 * qw + ew)
+            spread = _workspace(n * o * shape[2] * shape[3], slot=3).view(shape).zero_()
+            spread[:, :, qh:qh + (ho - 1) * sh + 1:sh, qw:qw + (wo - 1) * sw + 1:sw] = dy
+            dx = conv2d(spread, tw.transposed, None, kernel, (1, 1), (0, 0))
+    return dx, dval
 
 
 def linear_weight_grad(x: torch.Tensor, dy: torch.Tensor, tw: TrainingWeight) -> torch.Tensor:
@@ -156,7 +195,7 @@ def linear_weight_grad(x: torch.Tensor, dy: torch.Tensor, tw: TrainingWeight) ->
     offsets = tw.offsets.get(key)
     if offsets is None:
         offsets = tw.offsets[key] = (tw.forward.columns.to(torch.int64) * n).to(torch.int32).contiguous()
-    return _weight_grad(xt.data_ptr(), 0, dyt, 1, n, offsets, tw.forward.rowptr, n)
+    return _weight_grad(xt.data_ptr(), 0, dyt.data_ptr(), 0, n, 1, offsets, tw.forward.rowptr, n)
 
 
 def linear_input_grad(dy: torch.Tensor, tw: TrainingWeight) -> torch.Tensor:

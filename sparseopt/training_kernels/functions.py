@@ -20,11 +20,14 @@ class SparseConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, tw: native_grad.TrainingWeight, geometry: tuple, dense_grad: bool):
         kernel, stride, padding = geometry
+        x = x.contiguous()
         tw.refresh(weight)
-        y = native_conv.conv2d(x.contiguous(), tw.forward, None if bias is None else bias.detach().contiguous(),
-                               kernel, stride, padding)
+        # the packed input is kept for the weight gradient (one pack less in the backward)
+        packed = native_grad.packed_input(x, tw, kernel, stride, padding) if weight.requires_grad else None
+        y = native_conv.conv2d(x, tw.forward, None if bias is None else bias.detach().contiguous(),
+                               kernel, stride, padding, packed=packed)
         ctx.save_for_backward(x, weight)
-        ctx.tw, ctx.geometry, ctx.dense_grad, ctx.has_bias = tw, geometry, dense_grad, bias is not None
+        ctx.tw, ctx.geometry, ctx.dense_grad, ctx.has_bias, ctx.packed = tw, geometry, dense_grad, bias is not None, packed
         return y
 
     @staticmethod
@@ -33,16 +36,20 @@ class SparseConv2dFunction(torch.autograd.Function):
         kernel, stride, padding = ctx.geometry
         tw: native_grad.TrainingWeight = ctx.tw
         dy = dy.contiguous()
-        dx = dw = db = None
-        if ctx.needs_input_grad[1]:
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_input:
+            tw.refresh_transposed(weight)
+        dx, dval = native_grad.conv2d_backward(x, dy, tw, kernel, stride, padding, ctx.packed, need_input,
+                                               need_weight and not ctx.dense_grad)
+        tw.release(ctx.packed)
+        ctx.packed = None
+        dw = db = None
+        if need_weight:
             if ctx.dense_grad:
                 dw = torch.ops.aten.convolution_backward(dy, x, weight, None, list(stride), list(padding), [1, 1], False,
                                                          [0, 0], 1, [False, True, False])[1]
             else:
-                dw = tw.dense(native_grad.conv2d_weight_grad(x.contiguous(), dy, tw, kernel, stride, padding))
-        if ctx.needs_input_grad[0]:
-            tw.refresh_transposed(weight)
-            dx = native_grad.conv2d_input_grad(dy, tw, x.shape, kernel, stride, padding)
+                dw = tw.dense(dval)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None, None, None
