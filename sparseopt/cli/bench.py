@@ -21,6 +21,7 @@ def cmd_bench_train(argv: list[str]) -> int:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--dataset", default=None, help="sets the input shape and class count (default: cifar10; mnist "
                                                    "for mlp, imagenet for resnet50); the batches are synthetic")
+    p.add_argument("--mlp-hidden", type=int, nargs="+", default=None, help="hidden widths of --model mlp")
     p.add_argument("--sparsity", type=float, default=0.95)
     p.add_argument("--distribution", default="erk", choices=[d for d in DISTRIBUTIONS if d != "custom"])
     p.add_argument("--structure", default="unstructured", choices=list(STRUCTURES))
@@ -41,7 +42,8 @@ def cmd_bench_train(argv: list[str]) -> int:
         p.error("--batch-size, --steps, --rounds, --delta-t and --threads must be >= 1")
     cfg = TrainConfig(model=args.model, dataset=args.dataset or default_dataset(args.model), sparsity=args.sparsity,
                       distribution=args.distribution, structure=args.structure, nm=args.nm, dst=args.dst,
-                      delta_t=args.delta_t, optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed)
+                      delta_t=args.delta_t, optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed,
+                      **({"mlp_hidden": args.mlp_hidden} if args.mlp_hidden else {}))
     try:
         cfg = cfg.validate()
     except ValueError as e:

@@ -149,7 +149,7 @@ def bench_train(cfg: TrainConfig, *, threads: int | None = None, steps: int = 5,
         "what": f"{cfg.model} {cfg.structure} {cfg.distribution} sparsity {cfg.sparsity:g}, dst {cfg.dst}, "
                 f"delta_t {delta_t}, batch {cfg.batch_size}",
         "config": {k: getattr(cfg, k) for k in ("model", "dataset", "sparsity", "distribution", "structure", "nm",
-                                                 "dst", "delta_t", "batch_size", "optimizer", "seed")},
+                                                 "dst", "delta_t", "batch_size", "optimizer", "seed", "mlp_hidden")},
         "threads": torch.get_num_threads(), "steps": steps, "rounds": rounds, "data": "synthetic (standard normal)",
         "backend": native_build.backend().as_dict(), "kernels": sparse.run.sparse.report(),
     }
