@@ -58,3 +58,24 @@ def test_inference_benchmark_rehearsal(tmp_path):
         assert len(r["layers"]) == 22  # every conv and the classifier of ResNet-20
     assert "| resnet20 | 0.98 | erk | constant_fan_in | 2 | 1 |" in out
     assert record["backend"]["path"] in ("avx512", "avx2", "portable", "torch")
+
+
+def test_bench_train_rehearsal(tmp_path, native):
+    """sparseopt bench-train: both sides, the amortised steps, the breakdown and the per-layer table."""
+    from sparseopt.cli.main import main
+
+    out = tmp_path / "train.json.gz"
+    assert main(["bench-train", "--model", "mlp", "--mlp-hidden", "128", "--batch-size", "32", "--threads", "1",
+                 "--steps", "2", "--rounds", "1", "--delta-t", "10", "--json", str(out)]) == 0
+    r = json.loads(gzip.decompress(out.read_bytes()))
+    assert r["masked_ms"] > 0 and r["sparse_ms"] > 0
+    assert r["speedup"] == pytest.approx(r["masked_ms"] / r["sparse_ms"], rel=1e-2)
+    for side in ("masked", "sparse"):
+        b = r[f"{side}_breakdown"]
+        # (delta_t - 2) plain steps and the update pair, over delta_t
+        assert r[f"{side}_ms"] == pytest.approx((8 * b["plain_step_ms"] + b["update_pair_ms"]) / 10, rel=1e-3)
+        assert set(b["parts_ms"]) == {"forward", "backward", "topology", "optimizer"}
+        assert set(b["ops_ms"]) == {"convolution_and_linear", "batchnorm", "other"}
+    assert 0 <= r["max_rel_loss_diff"] < 1e-3  # the same start and batches: rounding only
+    assert [row["layer"] for row in r["layers"]] == ["1", "4"]
+    assert {d["kernel"] for d in r["kernels"]["layers"].values()} == {"sparse"}

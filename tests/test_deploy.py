@@ -1,8 +1,10 @@
 """Compact export, loading and sparse CPU inference: equal outputs, file contents, refusals, per-layer kernels."""
 
+import importlib.util
 import io
 import json
 import pickle
+import sys
 
 import pytest
 import torch
@@ -216,6 +218,42 @@ def test_damaged_foreign_and_malicious_files_get_one_clear_error(tmp_path):
     assert pickle  # the module is imported for the reduce protocol above
 
 
+def test_safetensors_file_has_the_same_contents_size_and_errors(cifar_batch, tmp_path, monkeypatch):
+    pytest.importorskip("safetensors", reason="the safetensors format needs pip install 'sparseopt[safetensors]'")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = _trained_like(build_model("resnet20", 10))
+    masks = sparseopt.sparsify(model, 0.95)
+    meta = {"model_name": "resnet20", "num_classes": 10, "input_shape": (3, 32, 32)}
+    pt = sparseopt.export_sparse(model, masks, tmp_path / "m.pt", **meta)
+    st = sparseopt.export_sparse(model, masks, tmp_path / "m.safetensors", **meta, format="safetensors")
+    assert st["format"] == "safetensors" and st["bytes"] == (tmp_path / "m.safetensors").stat().st_size
+    assert abs(st["bytes"] - pt["bytes"]) / pt["bytes"] < 0.02  # the same blobs; headers of about the same size
+    a, b = read_sparse(tmp_path / "m.pt"), read_sparse(tmp_path / "m.safetensors")
+    assert a["meta"] == b["meta"] and a["layers"] == b["layers"]
+    assert all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
+    x = cifar_batch[:4]
+    with torch.no_grad():
+        reference = model.eval()(x)
+        assert (sparseopt.load_sparse(tmp_path / "m.safetensors", inference=False)(x) - reference).abs().max() < 1e-5
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors is a damaged safetensors file"):
+        read_sparse(tmp_path / "cut.safetensors")
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="is a safetensors file but not a sparseopt sparse export"):
+        read_sparse(tmp_path / "foreign.safetensors")
+    (tmp_path / "noise.bin").write_bytes(b"\x07" * 64)
+    with pytest.raises(ValueError, match="neither a torch.save container nor a safetensors file"):
+        read_sparse(tmp_path / "noise.bin")
+    with pytest.raises(ValueError, match="format must be one of \\['pt', 'safetensors'\\], got 'onnx'"):
+        sparseopt.export_sparse(model, masks, tmp_path / "m.onnx", format="onnx")
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # the extra not installed: one line
+    with pytest.raises(ImportError, match="pip install 'sparseopt\\[safetensors\\]'"):
+        read_sparse(tmp_path / "m.safetensors")
+
+
 @pytest.mark.parametrize("sparsity, bound", [(0.95, 0.10), (0.98, 0.05)])
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])
 def test_size_targets(name, sparsity, bound, tmp_path):
@@ -237,6 +275,10 @@ def test_export_and_bench_commands_on_a_trained_run(tmp_path, capsys):
     assert model.sparseopt_meta["class_names"] == [str(i) for i in range(10)]
     assert model.sparseopt_meta["normalization"] == {"mean": [0.1307], "std": [0.3081]}
     assert model.sparseopt_meta["structure"]["kind"] == "constant_fan_in"
+    if importlib.util.find_spec("safetensors") is not None:
+        assert main(["export", str(run), "--format", "safetensors"]) == 0
+        st = sparseopt.load_sparse(run / "model.sparse.safetensors")
+        assert st.sparseopt_meta == model.sparseopt_meta
     out = tmp_path / "bench.json"
     assert main(["bench-infer", "--run", str(run), "--batch-size", "4", "--threads", "1", "--rounds", "2",
                  "--json", str(out)]) == 0

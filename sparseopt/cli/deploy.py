@@ -8,19 +8,21 @@ from pathlib import Path
 
 
 def cmd_export(argv: list[str]) -> int:
-    from ..deploy.export import export_sparse
+    from ..deploy.export import FILE_FORMATS, export_sparse
     from ..deploy.run import load_run
 
     p = argparse.ArgumentParser(prog="sparseopt export", allow_abbrev=False,
                                 description="Write a run's final model as a file of its active weights only.")
     p.add_argument("run", help="a training run folder (config.yaml + checkpoint.pt)")
-    p.add_argument("--out", help="the file to write (default: RUN/model.sparse.pt)")
+    p.add_argument("--out", help="the file to write (default: RUN/model.sparse.pt or .safetensors)")
+    p.add_argument("--format", default="pt", choices=list(FILE_FORMATS),
+                   help="a torch.save container or a safetensors file, the same contents (default: pt)")
     args = p.parse_args(argv)
     model, masks, meta = load_run(args.run)
-    out = Path(args.out) if args.out else Path(args.run) / "model.sparse.pt"
+    out = Path(args.out) if args.out else Path(args.run) / f"model.sparse.{args.format}"
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name the file to write")
-    summary = export_sparse(model, masks, out, **meta)
+    summary = export_sparse(model, masks, out, **meta, format=args.format)
     print(f"wrote {out}: {summary['bytes'] / 1e6:.3f} MB, {summary['ratio']:.4f}x the dense state_dict "
           f"({summary['dense_bytes'] / 1e6:.3f} MB); sparsity {masks.sparsity():.4f}, {masks.structure}")
     print(f"load it with: sparseopt.load_sparse({str(out)!r})")

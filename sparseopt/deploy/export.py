@@ -16,10 +16,16 @@ with ``weights_only=True`` (nothing in it can run code):
   (:func:`~sparseopt.deploy.encoding.encode`), and ``dense/<key>``, every other entry of
   ``model.state_dict()`` as it is (biases, BatchNorm, unmasked layers). The mask buffers
   are not stored: the positions are.
+
+``format="safetensors"`` writes the same blobs as a safetensors file (tensors ``blobs/<dtype>``) whose
+header metadata holds ``format`` and the same compressed description (base64), so both files carry
+the same contents at nearly the same size; :func:`load_sparse` reads either (safetensors needs the
+``safetensors`` package: ``pip install 'sparseopt[safetensors]'``).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import zlib
@@ -36,6 +42,16 @@ from ..train.io import atomic_write, load_failure
 from .encoding import decode, encode, pack, unpack
 
 FORMAT = "sparseopt-sparse-v1"
+FILE_FORMATS = ("pt", "safetensors")
+SAFETENSORS_HINT = "pip install 'sparseopt[safetensors]'"
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError(f"safetensors files need the safetensors package: {SAFETENSORS_HINT}") from None
+    return safetensors.torch
 
 
 def _unmasked_state(model: nn.Module, masks: MaskSet) -> dict[str, torch.Tensor]:
@@ -56,14 +72,19 @@ def export_sparse(
     input_shape: tuple[int, ...] | None = None,
     normalization: dict[str, list[float]] | None = None,
     source: str | None = None,
+    format: str = "pt",
 ) -> dict[str, Any]:
     """Write the compact file of a masked model to ``path`` (atomically); returns its size summary.
+
+    ``format``: ``"pt"`` (a ``torch.save`` container) or ``"safetensors"`` (the same contents).
 
     ``model_name`` / ``model_kwargs``: how :func:`sparseopt.models.build_model` rebuilds the
     model (a name registered in :data:`sparseopt.MODELS`); without them :func:`load_sparse`
     needs the model passed in. ``input_shape`` ``(C, H, W)``, ``normalization``
     ``{"mean": [...], "std": [...]}`` and ``class_names`` are stored for the user of the file.
     """
+    if format not in FILE_FORMATS:
+        raise ValueError(f"format must be one of {list(FILE_FORMATS)}, got {format!r}")
     if masks.model is not model:
         raise ValueError("masks belong to another model: export the model the MaskSet was built on")
     if model_name is not None and model_name not in MODELS:
@@ -102,15 +123,59 @@ def export_sparse(
 
     state["meta"]["sparseopt"] = __version__
     # The description goes in as compressed JSON bytes: a fraction of the pickled size, and parsed without pickle.
-    header = torch.frombuffer(bytearray(zlib.compress(json.dumps(state).encode(), 9)), dtype=torch.uint8)
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "header": header, "blobs": blobs}, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    compressed = zlib.compress(json.dumps(state).encode(), 9)
+    if format == "safetensors":
+        data = _safetensors().save({f"blobs/{name}": blob.contiguous() for name, blob in blobs.items()},
+                                   metadata={"format": FORMAT, "header": base64.b64encode(compressed).decode()})
+    else:
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT, "header": torch.frombuffer(bytearray(compressed), dtype=torch.uint8),
+                    "blobs": blobs}, buffer)
+        data = buffer.getvalue()
+    atomic_write(path, lambda f: f.write(data))
     reference = io.BytesIO()
     torch.save(unmasked, reference)
-    size, dense_size = len(buffer.getvalue()), len(reference.getvalue())
-    return {"path": str(path), "bytes": size, "dense_bytes": dense_size, "ratio": size / dense_size,
+    size, dense_size = len(data), len(reference.getvalue())
+    return {"path": str(path), "format": format, "bytes": size, "dense_bytes": dense_size, "ratio": size / dense_size,
             "encodings": {n: e["encoding"] for n, e in layers.items()}}
+
+
+def _read_container(path: Path) -> tuple[bytes, dict]:
+    """``(compressed header, blobs)`` of either file format; ValueError for a foreign or damaged file."""
+    with open(path, "rb") as f:
+        start = f.read(9)
+    if start[:2] == b"PK" or start[:1] == b"\x80":  # a torch.save zip (or legacy pickle) container
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, truncated, or it asks for objects a weights-only load refuses
+            raise ValueError(f"{path} is not a sparseopt sparse export, or it is damaged: {load_failure(e)}") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path} is not a sparseopt sparse export (format {found!r}, expected {FORMAT!r}); "
+                             "a training checkpoint is exported with `sparseopt export RUN_DIR`")
+        header = state.get("header")
+        if not (isinstance(header, torch.Tensor) and header.dtype == torch.uint8 and isinstance(state.get("blobs"), dict)):
+            raise ValueError(f"{path} is damaged: its header or data section is missing")
+        return header.numpy().tobytes(), state["blobs"]
+    if len(start) == 9 and start[8:9] == b"{":  # safetensors: an 8-byte header length, then its JSON
+        st = _safetensors()
+        try:
+            data = path.read_bytes()
+            tensors = st.load(data)
+            header_length = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8:8 + header_length]).get("__metadata__") or {}
+        except Exception as e:  # safetensors raises its own error types for a bad header or truncated data
+            raise ValueError(f"{path} is a damaged safetensors file: {e}") from None
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is a safetensors file but not a sparseopt sparse export "
+                             f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+        try:
+            header = base64.b64decode(metadata["header"], validate=True)
+        except (KeyError, ValueError):
+            raise ValueError(f"{path} is damaged: its header cannot be read") from None
+        return header, {k[len("blobs/"):]: v for k, v in tensors.items() if k.startswith("blobs/")}
+    raise ValueError(f"{path} is not a sparseopt sparse export (neither a torch.save container nor a safetensors "
+                     "file)")
 
 
 def read_sparse(path: str | Path) -> dict[str, Any]:
@@ -118,26 +183,16 @@ def read_sparse(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no sparse export at {path}")
+    header, blobs = _read_container(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or it asks for objects a weights-only load refuses
-        raise ValueError(f"{path} is not a sparseopt sparse export, or it is damaged: {load_failure(e)}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a sparseopt sparse export (format {found!r}, expected {FORMAT!r}); "
-                         "a training checkpoint is exported with `sparseopt export RUN_DIR`")
-    try:
-        header = state.get("header")
-        if not (isinstance(header, torch.Tensor) and header.dtype == torch.uint8 and isinstance(state.get("blobs"), dict)):
-            raise ValueError("its header or data section is missing")
         try:
-            described = json.loads(zlib.decompress(header.numpy().tobytes()))
+            described = json.loads(zlib.decompress(header))
         except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"its header cannot be read ({e})") from None
         for key, kind in (("meta", dict), ("layers", dict), ("table", list)):
             if not isinstance(described.get(key), kind):
                 raise ValueError(f"its {key!r} section is missing")
-        tensors = unpack(state["blobs"], described["table"])
+        tensors = unpack(blobs, described["table"])
     except ValueError as e:
         raise ValueError(f"{path} is damaged: {e}") from None
     return {"meta": described["meta"], "layers": described["layers"], "tensors": tensors,
