@@ -377,3 +377,25 @@ def test_cli_sparse_kernels_record_decisions_and_resume_bit_exact(native, tmp_pa
     assert final["sparse_training"]["decisions"] == first["sparse_training"]["decisions"]
     layers = json.loads((tmp_path / "auto" / "results.json").read_text())["kernels"]["layers"]
     assert all(d["kernel"] in ("sparse", "masked") and d["sparse_ms"] > 0 for d in layers.values())
+
+
+def test_torch_compile_sees_each_sparse_layer_as_one_opaque_call(native):
+    """torch.compile of a model on the kernels: the same losses, one graph per stretch between sparse layers,
+    and no recompilation on ordinary steps or at topology updates (the layers are opaque to dynamo)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    eager, compiled = _small_run("sparse"), _small_run("sparse")
+    model = torch.compile(compiled[0], backend="eager")
+    g = torch.Generator().manual_seed(11)
+    graphs = []
+    for _ in range(7):  # updates at t = 3 and 6
+        x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+        a = _step(eager, x, y)[0]
+        run = (model, *compiled[1:])
+        b = _step(run, x, y)[0]
+        assert b == pytest.approx(a, rel=1e-6)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] <= len(compiled[1]) + 1  # the stretches between the 22 opaque layers
+    assert graphs[-1] == graphs[1], graphs  # nothing compiled again after the first steps, updates included
+    torch._dynamo.reset()

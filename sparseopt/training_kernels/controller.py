@@ -64,6 +64,7 @@ class _Layer:
         self.tw: TrainingWeight | None = None
         self._key: tuple | None = None
         self.decision: LayerDecision | None = None
+        self.installed = None  # the forward set on the module (see SparseTraining)
 
     def weights(self) -> TrainingWeight:
         mask = self.layer.mask
@@ -155,7 +156,10 @@ class SparseTraining:
             state = self._layers[layer.name] = _Layer(self, layer)
             if kernels == "sparse":
                 state.decision = self.decisions[layer.name] = LayerDecision("sparse", "kernels=sparse")
-            layer.module.forward = state.forward  # on the instance: the class and its state_dict are untouched
+            # on the instance: the class and its state_dict are untouched. Opaque to torch.compile: the
+            # layer is one graph break, instead of dynamo tracing into the ctypes calls (dozens of breaks)
+            state.installed = torch.compiler.disable(state.forward)
+            layer.module.forward = state.installed
         if kernels != "masked" and not backend.available:
             warnings.warn(f"sparse training kernels unavailable ({backend.reason}); training continues masked dense "
                           "(same results, dense speed)", stacklevel=2)
@@ -230,7 +234,7 @@ class SparseTraining:
     def remove(self) -> None:
         """Give every layer back its own forward."""
         for state in self._layers.values():
-            if state.module.__dict__.get("forward") == state.forward:
+            if state.module.__dict__.get("forward") is state.installed:
                 del state.module.forward
         self._layers.clear()
 
