@@ -434,3 +434,17 @@ def test_extending_a_finished_run_is_refused_with_the_reason_and_the_way(tmp_pat
     assert f"{out} is a 1-epoch run: its learning rate follows a cosine to lr_min over 1 epoch and" in err
     assert "Train the longer run as its own: the same command with --epochs 3 and another --out (or --overwrite)" in err
     assert results(out)["status"] == "completed" and results(out)["epochs_completed"] == 1  # untouched
+
+
+def test_key_value_options_take_yaml_lists_and_say_which_pair_is_wrong():
+    """`--model-kwargs "in_shape=[1,28,28]"` was split at its commas into a YAML traceback."""
+    from sparseopt.train.config import coerce
+
+    assert coerce("model_kwargs", "hidden=[64,32] norm=none") == {"hidden": [64, 32], "norm": "none"}
+    assert coerce("dst_kwargs", "a=1,b=[1,2], c={x: 1}") == {"a": 1, "b": [1, 2], "c": {"x": 1}}
+    assert coerce("model_kwargs", ["hidden=[8,4]", "norm=none"]) == {"hidden": [8, 4], "norm": "none"}
+    for bad, message in (("hidden=[32,16", "the value of 'hidden' is not valid YAML"),
+                         ("oops", "takes key=value pairs, got 'oops'"), (5, "takes a mapping or key=value pairs")):
+        with pytest.raises(ValueError, match=message):
+            coerce("model_kwargs", bad)
+    assert main(["train", "--model", "mlp", "--dataset", "bundled_mnist", "--model-kwargs", "in_shape=[1,28,28]"]) == 2

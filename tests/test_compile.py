@@ -15,6 +15,7 @@ from sparseopt.models import build_model
 
 def test_masked_dst_training_under_torch_compile_never_recompiles():
     torch._dynamo.reset()
+    counters.clear()  # counted from this test on
     torch.manual_seed(0)
     model = build_model("resnet20", 10, in_shape=(3, 16, 16))
     masks = sparseopt.sparsify(model, 0.9)

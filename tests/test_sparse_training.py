@@ -385,6 +385,7 @@ def test_torch_compile_sees_each_sparse_layer_as_one_opaque_call(native):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # counted from this test on
     eager, compiled = _small_run("sparse"), _small_run("sparse")
     model = torch.compile(compiled[0], backend="eager")
     g = torch.Generator().manual_seed(11)

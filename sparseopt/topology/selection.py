@@ -76,7 +76,7 @@ def prune_and_grow(
     # Growth ranks only the entries not kept, so the active count is exact whatever the scores hold;
     # non-finite scores (e.g. an fp16 gradient overflow) rank last.
     candidates = torch.nonzero(~kept).reshape(-1)  # ascending, so index tie-breaks carry over
-    scores = grow_score.reshape(-1)[candidates].nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+    scores = _finite(grow_score.reshape(-1)[candidates])
     new = kept.clone()
     new[candidates[select_top(scores, n_grow)]] = True
     return kept.reshape(mask.shape), new.reshape(mask.shape)
@@ -110,7 +110,7 @@ def prune_and_grow_grouped(
     ``groups(t)`` views a tensor of the mask's shape as ``(groups, group size)``
     (:meth:`sparseopt.masks.structure.Structure.groups`: rows for constant fan-in,
     blocks of M inputs for N:M). The ``n_drop`` active entries of smallest
-    ``|prune_score|`` anywhere in the layer are dropped, as in the unstructured
+    ``prune_score`` (signed; the built-in scores are magnitudes) anywhere in the layer are dropped, as in the unstructured
     update (SRigL's layer-wise magnitude pruning); then each group regrows as many
     as it lost, by largest ``grow_score`` among its entries not kept. Ties go to
     the lower index (a stable sort), so every rank selects the same entries.

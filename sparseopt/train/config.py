@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -381,9 +382,9 @@ def coerce(name: str, value: Any) -> Any:
     tp, optional = _base_type(_field_type(name))
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
         return None
+    if typing.get_origin(tp) is dict:  # its own messages name the pair that is wrong
+        return parse_mapping(name, value)
     try:
-        if typing.get_origin(tp) is dict:
-            return parse_mapping(name, value)
         if typing.get_origin(tp) is list:
             (inner,) = typing.get_args(tp)
             if isinstance(value, str):
@@ -405,19 +406,35 @@ def coerce(name: str, value: Any) -> Any:
                          f"{' or none' if optional else ''}, got {value!r}") from None
 
 
+_KEY = re.compile(r"(?:^|(?<=[\s,]))([A-Za-z_][\w.-]*)=")  # where a key=value pair starts
+
+
 def parse_mapping(name: str, value: Any) -> dict[str, Any]:
-    """A mapping from YAML, or from the command line's ``key=value`` words (values read as YAML scalars)."""
+    """A mapping from YAML, or from the command line's ``key=value`` pairs.
+
+    The pairs are separated by spaces or commas, and each value is read as YAML, so a value may be a
+    flow list or mapping with commas of its own: ``in_shape=[1,28,28] hidden=[64,32]``.
+    """
     if isinstance(value, dict):
         return {str(k): v for k, v in value.items()}
     if value is None:
         return {}
-    words = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"config key {name!r} takes a mapping or key=value pairs, got {value!r}")
+    text = value if isinstance(value, str) else " ".join(map(str, value))
+    starts = list(_KEY.finditer(text))
+    if not starts or text[:starts[0].start()].strip(" ,"):
+        first = (text[:starts[0].start()] if starts else text).strip(" ,").split()[0]
+        raise ValueError(f"config key {name!r} takes key=value pairs, got {first!r}")
     out = {}
-    for word in words:
-        key, sep, text = str(word).partition("=")
-        if not sep or not key:
-            raise ValueError(f"config key {name!r} takes key=value pairs, got {word!r}")
-        out[key] = yaml.safe_load(text) if text else None
+    for match, following in zip(starts, starts[1:] + [None]):
+        key = match.group(1)
+        raw = text[match.end():following.start() if following else len(text)].strip().rstrip(",").strip()
+        try:
+            out[key] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config key {name!r}: the value of {key!r} is not valid YAML ({raw!r}: "
+                             f"{' '.join(str(getattr(e, 'problem', None) or e).split())})") from None
     return out
 
 
