@@ -209,3 +209,18 @@ def test_topk_selection_equals_stable_sort_with_ties():
         keep = torch.zeros(n, dtype=torch.bool)
         keep[order[: n - k]] = True
         assert torch.equal(select_bottom(scores, k), ~keep), trial
+
+
+def test_non_finite_growth_scores_rank_last_by_one_rule_in_both_selections():
+    """NaN and +-inf growth scores (an fp16 overflow) rank below every finite one, unstructured and grouped alike."""
+    from sparseopt.topology.selection import prune_and_grow, prune_and_grow_grouped
+
+    mask = torch.tensor([[True, False, False, False], [True, False, False, False]])
+    prune_score = torch.tensor([[5.0, 0, 0, 0], [5.0, 0, 0, 0]])  # nothing is pruned (n_drop 0), one grown per row
+    grow = torch.tensor([[0.0, float("nan"), float("inf"), -1.0], [0.0, float("-inf"), 2.0, float("nan")]])
+    _, new = prune_and_grow(mask, prune_score, grow, 0, n_grow=2)
+    assert new.nonzero().tolist() == [[0, 0], [0, 3], [1, 0], [1, 2]]  # the finite -1.0 beats NaN and +inf
+    # grouped (rows): both actives are pruned, each row regrows what it lost
+    _, new = prune_and_grow_grouped(mask, torch.tensor([[0.0, 0, 0, 0], [0.0, 0, 0, 0]]), grow, 2, lambda t: t)
+    assert new.sum(1).tolist() == [1, 1]
+    assert new[0, 0] and new[1, 2]  # row 0 keeps the finite 0.0 over NaN/inf; row 1 takes 2.0
