@@ -249,3 +249,14 @@ def test_ham_gradient_clip_after_the_step_changes_nothing_in_sparseopts_loop():
     assert all(torch.equal(a, b) for a, b in zip(clipped[1].masks, no_clip[1].masks))
     for a, b in zip(clipped[0].parameters(), no_clip[0].parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_continues_only_the_ham_it_was_written_by():
+    """HAM checks its saved settings on load, as SparseOpt does: other settings are one clear error."""
+    model = nn.Linear(4, 3)
+    saved = sparseopt.HAM(torch.optim.SGD(model.parameters(), lr=0.1), alpha=200.0).state_dict()
+    sparseopt.HAM(torch.optim.SGD(model.parameters(), lr=0.1), alpha=200.0).load_state_dict(saved)  # the same: fine
+    with pytest.raises(ValueError, match="written with HAM alpha=200.0, this HAM has alpha=100.0"):
+        sparseopt.HAM(torch.optim.SGD(model.parameters(), lr=0.1), alpha=100.0).load_state_dict(saved)
+    del saved["wrapper"]["clamp"]  # a checkpoint from before a setting was recorded: not checked
+    sparseopt.HAM(torch.optim.SGD(model.parameters(), lr=0.1), alpha=200.0, clamp=3.0).load_state_dict(saved)

@@ -142,3 +142,9 @@ class HAM(OptimizerWrapper):
     def wrapper_state(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "beta": self.beta, "clamp": self.clamp, "max_weight_norm": self.max_weight_norm,
                 "max_grad_norm": self.max_grad_norm}
+
+    def load_wrapper_state(self, state: dict[str, Any]) -> None:
+        """A checkpoint continues only the HAM it was written by (as SparseOpt checks its own settings)."""
+        for key, value in self.wrapper_state().items():
+            if key in state and state[key] != value:  # a key an older checkpoint lacks is not checked
+                raise ValueError(f"checkpoint was written with HAM {key}={state[key]}, this HAM has {key}={value}")
