@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,27 @@ def test_non_finite_growth_scores_rank_last_by_one_rule_in_both_selections():
     _, new = prune_and_grow_grouped(mask, torch.tensor([[0.0, 0, 0, 0], [0.0, 0, 0, 0]]), grow, 2, lambda t: t)
     assert new.sum(1).tolist() == [1, 1]
     assert new[0, 0] and new[1, 2]  # row 0 keeps the finite 0.0 over NaN/inf; row 1 takes 2.0
+
+
+def test_a_method_with_its_own_prune_scores_is_recorded_as_such():
+    """results.json said prune_score 'scaled' for a method that overrides prune_scores (issue 28)."""
+    from types import SimpleNamespace
+
+    from sparseopt.train import records
+    from sparseopt.train.config import TrainConfig
+
+    class Mine(sparseopt.RigL):
+        def prune_scores(self, index, layer, scales):
+            return -layer.weight.abs()
+
+    model = SmallConvNet()
+    masks = sparseopt.sparsify(model, 0.8)
+    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.1), masks)
+    model(torch.randn(2, 3, 8, 8))  # SparseOpt finds the normalized layers on the first forward
+    for updater, expected in ((sparseopt.RigL(masks, opt, delta_t=2, total_steps=10), "scaled"),
+                              (Mine(masks, opt, delta_t=2, total_steps=10), "Mine.prune_scores")):
+        assert updater.config()["prune_score"] == expected
+        run = SimpleNamespace(masks=masks, optimizer=opt, topology=updater, sparse=None)
+        results = records.run_results(TrainConfig(), Path("."), {"epoch": 1}, epoch=1, num_classes=10,
+                                      class_names=None, seconds=1.0, run=run, history=[])
+        assert results["resolved"]["prune_score"] == expected

@@ -347,6 +347,12 @@ class DSTUpdater(TopologyUpdater):
         self.last_update = self.record(fraction, total_drop, share)
         return True
 
+    def prune_score_name(self) -> str:
+        """What decides the pruning: the configured score, or the subclass whose ``prune_scores`` replaces it."""
+        if type(self).prune_scores is not DSTUpdater.prune_scores:
+            return f"{type(self).__name__}.prune_scores"
+        return self.prune_score if isinstance(self.prune_score, str) else repr(self.prune_score)
+
     def config(self) -> dict[str, Any]:
         return {
             "method": type(self).__name__,
@@ -356,7 +362,7 @@ class DSTUpdater(TopologyUpdater):
             "keep_regrown": self.keep_regrown,
             "reset_optimizer_state": self.reset_optimizer_state,
             "skip_update": self.skip_update,
-            "prune_score": self.prune_score if isinstance(self.prune_score, str) else repr(self.prune_score),
+            "prune_score": self.prune_score_name(),
             "neuron_ablation": self.neuron_ablation,
         }
 

@@ -198,6 +198,8 @@ def run_results(cfg: TrainConfig, out: Path, last: dict[str, Any], *, epoch: int
     }
     if run.masks is not None:
         results["resolved"] = resolve_method(cfg)
+        if hasattr(run.topology, "prune_score_name"):  # a method that prunes by its own scores says so
+            results["resolved"]["prune_score"] = run.topology.prune_score_name()
         results["preconditioned_layers"] = run.optimizer.preconditioned_layers
         results["topology_updates"] = run.topology.num_updates
         results["topology_updates_planned"] = planned_updates(run.topology)
