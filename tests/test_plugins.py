@@ -317,3 +317,32 @@ def test_registered_model_without_shortcut_or_in_shape_builds(tmp_path):
     finally:
         MODELS.unregister("plain")
         MODELS.unregister("shaped")
+
+
+def test_load_sparse_loads_the_plugin_that_registers_the_files_model(tmp_path, monkeypatch):
+    """A file of a plugin's model loads in a process that has not loaded plugins yet (issue 28)."""
+    (tmp_path / "my_model.py").write_text(
+        "from torch import nn\nfrom sparseopt import MODELS\n"
+        "MODELS.register('tiny_net', lambda num_classes=10: nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes)))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_loaded", {})
+    monkeypatch.setenv("SPARSEOPT_PLUGINS", "my_model")
+    try:
+        plugins.load_plugins()
+        model = sparseopt.models.build_model("tiny_net", 3)
+        masks = sparseopt.sparsify(model, 0.5)
+        sparseopt.export_sparse(model, masks, tmp_path / "m.pt", model_name="tiny_net", num_classes=3, input_shape=(1, 4, 4))
+        MODELS.unregister("tiny_net")  # a fresh process: the plugin is not loaded yet
+        sys.modules.pop("my_model", None)
+        monkeypatch.setattr(plugins, "_loaded", {})
+        loaded = sparseopt.load_sparse(tmp_path / "m.pt", inference=False)
+        assert isinstance(loaded, nn.Sequential) and "tiny_net" in MODELS
+        MODELS.unregister("tiny_net")
+        monkeypatch.delenv("SPARSEOPT_PLUGINS")
+        monkeypatch.setattr(plugins, "_loaded", {})
+        with pytest.raises(ValueError, match="needs model 'tiny_net', which no loaded plugin registers"):
+            sparseopt.load_sparse(tmp_path / "m.pt", inference=False)
+    finally:
+        if "tiny_net" in MODELS:
+            MODELS.unregister("tiny_net")
+        sys.modules.pop("my_model", None)

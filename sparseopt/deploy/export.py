@@ -38,6 +38,7 @@ from torch import nn
 from ..masks.maskset import MaskSet
 from ..masks.structure import Structure
 from ..models import MODELS, build_model
+from ..plugins import load_plugins
 from ..train.io import atomic_write, load_failure
 from .encoding import decode, encode, pack, unpack
 
@@ -205,7 +206,11 @@ def _rebuild(meta: dict[str, Any], path: Path) -> nn.Module:
         raise ValueError(f"{path} was exported from a model that is not registered ({meta.get('model_class')}); "
                          f"pass it: load_sparse(path, model={meta.get('model_class')}(...))")
     if name not in MODELS:
-        raise ValueError(f"{path} needs model {name!r}, which is not registered here; registered: {MODELS.names()}")
+        loaded = load_plugins()  # a plugin's model: registered once its package is loaded, as the CLI does first
+        if name not in MODELS:
+            raise ValueError(f"{path} needs model {name!r}, which no loaded plugin registers (plugins: "
+                             f"{sorted(loaded) or 'none installed'}); install the package that registers it, or pass "
+                             f"load_sparse(path, model=...); registered: {MODELS.names()}")
     in_shape = tuple(meta["input_shape"]) if meta.get("input_shape") else None
     return build_model(name, meta["num_classes"], in_shape=in_shape, **meta.get("model_kwargs", {}))
 
