@@ -346,3 +346,23 @@ def test_load_sparse_loads_the_plugin_that_registers_the_files_model(tmp_path, m
         if "tiny_net" in MODELS:
             MODELS.unregister("tiny_net")
         sys.modules.pop("my_model", None)
+
+
+def test_a_method_option_its_constructor_cannot_convert_names_the_option_and_method(tmp_path, capsys):
+    """`--dst-kwargs grad_power=abc` said only "could not convert string to float" (issue 28)."""
+    from sparseopt.cli.main import main
+
+    class Powered(sparseopt.RigL):
+        def __init__(self, masks, optimizer=None, *, grad_power: float = 1.0, **kwargs):
+            super().__init__(masks, optimizer, **kwargs)
+            self.grad_power = float(grad_power)
+
+    DST_METHODS.register("powered", Powered)
+    try:
+        assert main(["train", "--dst", "powered", "--dst-kwargs", "grad_power=abc", "--epochs", "1",
+                     "--train-subset", "256", "--quiet", "--no-compare-optimizers", "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "dst 'powered' (Powered) with --dst-kwargs grad_power='abc'" in err[0], err
+        assert "could not convert string to float" in err[0]
+    finally:
+        DST_METHODS.unregister("powered")

@@ -115,7 +115,12 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
     )
     updater = DST_METHODS[cfg.dst]
     kwargs = {**topology_options(cfg, updater, total_steps, method["prune_score"]), **cfg.dst_kwargs}
-    topology = updater(masks, optimizer, **kwargs)
+    try:
+        topology = updater(masks, optimizer, **kwargs)
+    except (TypeError, ValueError) as e:  # a plugin's own conversion (float("abc")) names neither option nor method
+        given = ", ".join(f"{k}={v!r}" for k, v in cfg.dst_kwargs.items())
+        raise ValueError(f"dst {cfg.dst!r} ({updater.__name__}){f' with --dst-kwargs {given}' if given else ''}: "
+                         f"{e}") from None
     sparse = sparse_training(masks, cfg.kernels, topology) if cfg.kernels != "masked" else None
     return RunObjects(model, masks, optimizer, topology, sparse)
 
