@@ -366,3 +366,19 @@ def test_a_method_option_its_constructor_cannot_convert_names_the_option_and_met
         assert "could not convert string to float" in err[0]
     finally:
         DST_METHODS.unregister("powered")
+
+
+def test_a_model_that_does_not_take_the_datasets_input_is_one_line_before_anything_is_written(tmp_path, capsys):
+    """A plugin model built for another input failed with a raw traceback after config.yaml was written (issue 28)."""
+    from sparseopt.cli.main import main
+
+    MODELS.register("small_input", lambda num_classes=10: nn.Sequential(nn.Flatten(), nn.Linear(16, num_classes)))
+    try:
+        out = tmp_path / "run"
+        assert main(["train", "--dataset", "bundled_mnist", "--model", "small_input", "--epochs", "1", "--quiet",
+                     "--no-compare-optimizers", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "model 'small_input' does not take the bundled_mnist input of shape (1, 28, 28)" in err[0]
+        assert not (out / "config.yaml").exists() and not (out / "env.json").exists()
+    finally:
+        MODELS.unregister("small_input")

@@ -68,8 +68,26 @@ def model_spec(cfg: TrainConfig, num_classes: int | None = None) -> ModelSpec:
 
 
 def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
-    """The config's model with ``num_classes`` outputs (default: the dataset's own count)."""
-    return model_spec(cfg, num_classes).build()
+    """The config's model with ``num_classes`` outputs (default: the dataset's own count).
+
+    One forward pass of a zero image (evaluation mode, no gradient: nothing in the model changes)
+    checks that the model takes the dataset's input before anything of a run is written: a model that
+    does not is one line, not a traceback from inside its first training step.
+    """
+    spec = model_spec(cfg, num_classes)
+    model = spec.build()
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *spec.in_shape))
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model {cfg.model!r} does not take the {cfg.dataset} input of shape {tuple(spec.in_shape)}: "
+                         f"{first} (a model built for another input size: set it with --model-kwargs, or choose "
+                         "another --dataset / --image-size)") from None
+    finally:
+        model.train(training)
+    return model
 
 
 def resolve_method(cfg: TrainConfig) -> dict[str, object]:
