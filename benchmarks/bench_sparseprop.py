@@ -18,21 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
 
 from sparseopt.native import build
 from sparseopt.native.grad import TrainingWeight
+from sparseopt.timing import time_alternating
 from sparseopt.training_kernels.functions import SparseConv2dFunction
 
 SHAPES = [  # (in, out, size, kernel, stride, padding): ResNet-20's convolutions
     (16, 16, 32, 3, 1, 1), (16, 32, 32, 3, 2, 1), (32, 32, 16, 3, 1, 1), (32, 64, 16, 3, 2, 1), (64, 64, 8, 3, 1, 1)]
-
-
-def median_ms(samples):
-    return sorted(samples)[len(samples) // 2] * 1e3
 
 
 def measure(shape, sparsity: float, batch: int, rounds: int, g: torch.Generator) -> dict:
@@ -62,15 +58,7 @@ def measure(shape, sparsity: float, batch: int, rounds: int, g: torch.Generator)
     for mode in (False, True):
         module = SparseConv2d(weight.clone(), bias=None, padding=pad, stride=s, vectorizing_over_on=mode)
         sides[f"sparseprop_{'over_on' if mode else 'over_batch'}"] = sparseprop_side(module)
-    times = {name: [] for name in sides}
-    for fn in sides.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, fn in sides.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    ms = {name: round(median_ms(t), 3) for name, t in times.items()}
+    ms = {name: round(seconds * 1e3, 3) for name, seconds in time_alternating(sides, rounds).items()}
     best = min(v for n, v in ms.items() if n.startswith("sparseprop"))
     return {"shape": f"{c}->{o} {size}x{size} k{k} s{s}", "sparsity": sparsity, **ms, "sparseprop_best": best,
             "sparseprop_speedup": round(ms["masked"] / best, 2), "sparseopt_speedup": round(ms["masked"] / ms["sparseopt"], 2)}

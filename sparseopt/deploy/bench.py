@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..masks.maskset import MaskSet
+from ..timing import time_alternating
 from .inference import fold_batchnorm, sparse_inference
-from .kernels import time_alternating
 
 
 def _layouts(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Module, torch.Tensor]]:

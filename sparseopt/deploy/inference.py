@@ -34,8 +34,9 @@ from torch import nn
 
 from ..masks.maskset import MaskSet
 from ..native import build as native_build
+from ..timing import time_alternating
 from .fusion import fuse_epilogues
-from .kernels import KERNELS, SparseConv2d, SparseLinear, time_alternating, unsupported
+from .kernels import KERNELS, SparseConv2d, SparseLinear, unsupported
 
 FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import torch
@@ -43,34 +42,6 @@ def patches(x: torch.Tensor, kernel, stride, padding, dilation) -> tuple[torch.T
     s0, s1, s2, s3 = x.stride()
     view = x.as_strided((channels, kh, kw, batch, h, w), (s1, dh * s2, dw * s3, s0, sh * s2, sw * s3), x.storage_offset())
     return view.reshape(channels * kh * kw, batch * h * w), h, w
-
-
-def time_alternating(calls: dict, rounds: int = 7, min_seconds: float = 0.0, warmup_seconds: float = 0.0) -> dict:
-    """Median seconds of each of several ``calls``, timed in alternating rounds after warm-up rounds.
-
-    Alternating spreads a change of machine load (another process, a clock change) over all of them,
-    so their ratios hold even where the absolute times drift. At least ``rounds`` rounds, and more
-    (up to 50 times as many) until each call has run ``min_seconds`` in all: millisecond-sized models
-    need hundreds of rounds for a stable median. Warm-up: one round, and more until ``warmup_seconds``
-    have passed (the first tens of forward passes of a model run measurably slower here: caches,
-    allocator and thread pool settling).
-    """
-    start = time.perf_counter()
-    while True:
-        for fn in calls.values():
-            fn()
-        if time.perf_counter() - start >= warmup_seconds:
-            break
-    times = {name: [] for name in calls}
-    while True:
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-        done = len(next(iter(times.values())))
-        if done >= rounds and (done >= 50 * rounds or min(sum(t) for t in times.values()) >= min_seconds):
-            break
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _condensed(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,8 +170,8 @@ class SparseConv2d(_SparseLayer):
         if isinstance(module.padding, str) and module.padding != "valid":
             return ["dense"]  # "same" padding: the unfold lowering needs explicit pads
         names = super().candidates(module, mask)
-        if native.conv_unsupported(module.kernel_size, module.stride, module.padding, module.dilation,
-                                   module.groups, module.padding_mode):
+        if native.conv_unsupported(module.kernel_size, module.padding, module.dilation, module.groups,
+                                   module.padding_mode):
             names = [k for k in names if k != "direct"]
         return names
 

@@ -148,7 +148,8 @@ def _workspace(numel: int, slot: int = 0) -> torch.Tensor:
     The packed input lives only during one kernel call. A fresh allocation per call would be
     returned to the system and page-faulted in again (about 0.2 ms for a 56x56x64 image here,
     as long as the kernel itself), whenever the allocator's state changes between calls.
-    Slot 0 is the convolution's packed input; the weight gradient keeps its output gradient in slot 1.
+    Slots: 0 the convolution's packed input; in the backward (``grad.py``) 1 the padded output gradient,
+    2 the output gradient on the forward's grid, 3 the zero-spread output gradient of a strided layer.
     """
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
@@ -173,7 +174,7 @@ def pack(x: torch.Tensor, g: Geometry, slot: int = 0, out: torch.Tensor | None =
     return out
 
 
-def conv_unsupported(kernel_size, stride, padding, dilation, groups: int, padding_mode: str) -> str | None:
+def conv_unsupported(kernel_size, padding, dilation, groups: int, padding_mode: str) -> str | None:
     """Why the direct kernel cannot run a Conv2d of these settings, or None when it can."""
     if groups != 1:
         return f"grouped convolution (groups={groups})"

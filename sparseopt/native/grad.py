@@ -25,8 +25,8 @@ import torch
 
 from . import build
 from .conv import (
+    MAX_PLANS,
     DirectWeight,
-    Geometry,
     _check_input,
     _conv_offsets,
     _workspace,
@@ -87,8 +87,7 @@ class TrainingWeight:
         self.transposed = DirectWeight(None, transposed)
         index_t = index.transpose(0, 1).flip(flipped) if flipped else index.t()
         self.gather_t = index_t[transposed]
-        self.offsets: dict[tuple, torch.Tensor] = {}  # weight-gradient offsets per input geometry
-        self.nnz = int(self.gather.numel())
+        self.offsets: dict[tuple, torch.Tensor] = {}  # weight-gradient offsets per input geometry or batch
         self._free: list[torch.Tensor] = []  # packed-input buffers, reused from step to step
 
     def buffer(self, numel: int) -> torch.Tensor:
@@ -119,13 +118,13 @@ class TrainingWeight:
         grad.view(-1).index_copy_(0, self.gather, values)
         return grad
 
-    def conv_offsets(self, g: Geometry, kernel) -> torch.Tensor:
-        key = (g, tuple(kernel))
+    def weight_grad_offsets(self, key: tuple, make) -> torch.Tensor:
+        """The int32 offsets of the active weights into one input of ``key`` (a few kept, as the forward's plans)."""
         offsets = self.offsets.get(key)
         if offsets is None:
-            if len(self.offsets) >= 4:
+            if len(self.offsets) >= MAX_PLANS:
                 self.offsets.pop(next(iter(self.offsets)))
-            offsets = self.offsets[key] = _conv_offsets(self.forward.columns, g, kernel).to(torch.int32).contiguous()
+            offsets = self.offsets[key] = make().to(torch.int32).contiguous()
         return offsets
 
 
@@ -166,10 +165,10 @@ def conv2d_backward(x: torch.Tensor, dy: torch.Tensor, tw: TrainingWeight, kerne
             lib.sparseopt_pack(dy.data_ptr(), n, o, g.Ho, g.Wo, *dy.stride(), 0, 0, 1, 1, 1, g.Ho, g.Wq,
                                buffer.data_ptr(), torch.get_num_threads())
             grid = buffer.data_ptr()
-        if packed is None and x.data_ptr() == image:
+        if packed is None:  # the kernel reads x itself
             _check_input(x, "the sparse weight gradient", 4)
-        dval = _weight_grad(image, g.image, grid, o * plane, plane, n, tw.conv_offsets(g, kernel), tw.forward.rowptr,
-                            length)
+        offsets = tw.weight_grad_offsets((g, tuple(kernel)), lambda: _conv_offsets(tw.forward.columns, g, kernel))
+        dval = _weight_grad(image, g.image, grid, o * plane, plane, n, offsets, tw.forward.rowptr, length)
     if need_input:
         if dyp is not None:
             dx = conv2d(dy, tw.transposed, None, kernel, (1, 1), (qh, qw), packed=dyp)
@@ -191,10 +190,7 @@ def linear_weight_grad(x: torch.Tensor, dy: torch.Tensor, tw: TrainingWeight) ->
     n = x.shape[0]
     xt = x.t().contiguous()  # (in, N): the batch is the vector dimension, as in the forward
     dyt = dy.t().contiguous()
-    key = ("linear", n)
-    offsets = tw.offsets.get(key)
-    if offsets is None:
-        offsets = tw.offsets[key] = (tw.forward.columns.to(torch.int64) * n).to(torch.int32).contiguous()
+    offsets = tw.weight_grad_offsets(("linear", n), lambda: tw.forward.columns.to(torch.int64) * n)
     return _weight_grad(xt.data_ptr(), 0, dyt.data_ptr(), 0, n, 1, offsets, tw.forward.rowptr, n)
 
 

@@ -222,8 +222,12 @@ class DSTUpdater(TopologyUpdater):
     def drop_fraction(self, t: int | None = None) -> float:
         return drop_fraction(self.t if t is None else t, self.alpha, self.t_end)
 
+    def update_due(self) -> bool:
+        """Whether the next ``step()`` updates the topology (the schedule's answer for this iteration)."""
+        return is_update_step(self.t, self.delta_t, self.t_end)
+
     def needs_dense_gradient(self) -> bool:
-        return self.grows_by_gradient and is_update_step(self.t, self.delta_t, self.t_end)
+        return self.grows_by_gradient and self.update_due()
 
     def step(self) -> bool:
         """Advance one iteration; on schedule, update the topology.
@@ -233,7 +237,7 @@ class DSTUpdater(TopologyUpdater):
         ``zero_grad()``, so a step that GradScaler skips for an fp16 overflow
         does not pass it on to the next good step.
         """
-        updated = is_update_step(self.t, self.delta_t, self.t_end) and self.update(self.drop_fraction())
+        updated = self.update_due() and self.update(self.drop_fraction())
         self.t += 1
         return updated
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..native import build as native_build
+from ..timing import median
 from ..training_kernels import sparse_training
 from .build import build_run, make_model, model_spec
 from .config import TrainConfig
@@ -68,7 +69,7 @@ class _Side:
 
 
 def _median_ms(samples: list[float]) -> float:
-    return sorted(samples)[len(samples) // 2] * 1e3 if samples else float("nan")
+    return median(samples) * 1e3 if samples else float("nan")
 
 
 def _op_classes(side: _Side, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

@@ -76,7 +76,7 @@ class Trainer:
         self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, warmup, self.peak_lr, cfg.lr_min)
         self.forward_model = wrap_for_training(model, self.masks, self.env, self.device, cfg)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.epoch, self.step, self.epoch_records, self.kernels_recorded = 0, 0, None, False
+        self.epoch, self.step, self.epoch_records = 0, 0, None
         self.monitor = RunMonitor(run, self.criterion, self.autocast, effective_delta_t(cfg), cfg.monitor)
         self.notes += records.schedule_warnings(cfg, self.total_steps, warmup, self.topology)
         if self.resuming:
@@ -159,9 +159,8 @@ class Trainer:
                 self.log(records.summary_line(metrics, cfg.epochs))
                 if self.epoch == 1 and self.masks is not None:
                     self.log(f"preconditioned layers: {self.optimizer.preconditioned_layers or 'none (baseline)'}")
-                if self.objects.sparse is not None and not self.kernels_recorded:  # auto decides on the first batch
+                if self.epoch == 1 and self.objects.sparse is not None:  # auto decides on the first batch
                     self.log(records.record_kernels(self.out, self.cfg, self.objects.sparse, self.env.is_main))
-                    self.kernels_recorded = True
                 if self.stop.signum:  # a signal during evaluation or checkpointing: the epoch is complete
                     self.stop.check(self.env, self.device, f"epoch {self.epoch + 1}, step {self.step}")
             if metrics is None:  # resumed from the last epoch's checkpoint: nothing left to train

@@ -29,6 +29,7 @@ from ..masks.maskset import MaskedLayer, MaskSet
 from ..native import build
 from ..native import conv as native_conv
 from ..native.grad import TrainingWeight
+from ..timing import time_alternating
 from .functions import SparseConv2dFunction, SparseLinearFunction
 
 logger = logging.getLogger("sparseopt")
@@ -45,10 +46,6 @@ class LayerDecision:
     reason: str
     masked_ms: float | None = None  # forward + backward of the first batch, auto mode only
     sparse_ms: float | None = None
-
-
-def _median_ms(samples: list[float]) -> float:
-    return sorted(samples)[len(samples) // 2] * 1e3
 
 
 class _Layer:
@@ -98,7 +95,7 @@ class _Layer:
         return self.sparse(x) if self.decision.kernel == "sparse" else self.masked(x)
 
     def time_paths(self, x: torch.Tensor) -> tuple[float, float]:
-        """Median seconds of one forward + backward, masked dense and sparse, in alternating rounds."""
+        """Median milliseconds of one forward + backward, masked dense and sparse, in alternating rounds."""
         weight = self.module.weight.detach().requires_grad_()
         bias = None if self.module.bias is None else self.module.bias.detach().requires_grad_()
         inp = x.detach().requires_grad_(x.requires_grad)
@@ -114,14 +111,9 @@ class _Layer:
                  else SparseLinearFunction.apply(inp, weight, bias, tw, False))
             y.backward(torch.ones_like(y))
 
-        samples: dict[str, list[float]] = {"masked": [], "sparse": []}
-        masked(), sparse()  # warm-up: plans, workspaces, torch's kernel selection
-        for _ in range(TIMING_ROUNDS):
-            for name, fn in (("masked", masked), ("sparse", sparse)):
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-        return _median_ms(samples["masked"]), _median_ms(samples["sparse"])
+        # one warm-up round (plans, workspaces, torch's kernel selection), then alternating rounds
+        seconds = time_alternating({"masked": masked, "sparse": sparse}, TIMING_ROUNDS)
+        return seconds["masked"] * 1e3, seconds["sparse"] * 1e3
 
 
 class SparseTraining:
@@ -172,8 +164,8 @@ class SparseTraining:
         if layer.weight.device.type != "cpu":
             return f"weight on {layer.weight.device}: the sparse kernels run on the CPU"
         if isinstance(module, nn.Conv2d):
-            why = native_conv.conv_unsupported(module.kernel_size, module.stride, module.padding, module.dilation,
-                                               module.groups, module.padding_mode)
+            why = native_conv.conv_unsupported(module.kernel_size, module.padding, module.dilation, module.groups,
+                                               module.padding_mode)
             if why is None and not isinstance(module.padding, str) and any(
                     p > k - 1 for p, k in zip(module.padding, module.kernel_size)):
                 why = f"padding {tuple(module.padding)} >= kernel {tuple(module.kernel_size)}: no transposed kernel"

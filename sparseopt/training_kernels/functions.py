@@ -22,8 +22,9 @@ class SparseConv2dFunction(torch.autograd.Function):
         kernel, stride, padding = geometry
         x = x.contiguous()
         tw.refresh(weight)
-        # the packed input is kept for the weight gradient (one pack less in the backward)
-        packed = native_grad.packed_input(x, tw, kernel, stride, padding) if weight.requires_grad else None
+        # the packed input is kept for the weight gradient (one pack less in the backward); not when no backward
+        # will run (evaluation, no_grad), which would take a buffer no backward gives back
+        packed = native_grad.packed_input(x, tw, kernel, stride, padding) if ctx.needs_input_grad[1] else None
         y = native_conv.conv2d(x, tw.forward, None if bias is None else bias.detach().contiguous(),
                                kernel, stride, padding, packed=packed)
         ctx.save_for_backward(x, weight)
