@@ -46,6 +46,28 @@ def simd_paths() -> list[str]:
     return [p for p in build.PATHS if build.PATHS.index(p) <= build.PATHS.index(best)]
 
 
+def random_conv_case(g: torch.Generator, density: float | None = None, *, max_stride: int = 2,
+                     pad_below_kernel: bool = False):
+    """``(weight, mask, x, bias, stride, pad)`` of a random Conv2d case for the kernel tests.
+
+    Kernels 1/3/5/7, strides up to ``max_stride``, paddings 0-3 (below the kernel size with
+    ``pad_below_kernel``: what a transposed convolution needs), batches 1-33, widths off the vector
+    tile, 1x1 and 7x7 maps, and (for densities strictly between 0 and 1) an empty output row.
+    """
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    k = (1, 3, 5, 7)[r(0, 3)]
+    stride, pad = r(1, max_stride), r(0, k - 1 if pad_below_kernel else 3)
+    c, o, n = r(1, 24), r(1, 40), r(1, 33 if r(0, 3) == 0 else 4)
+    low = max(1, k - 2 * pad)
+    h, w = r(low, low + 17), r(low, low + 19)  # 1x1 and 7x7 maps among them; widths off the vector tile
+    density = float(torch.rand(1, generator=g)) if density is None else density
+    weight = torch.randn(o, c, k, k, generator=g)
+    mask = torch.rand(o, c, k, k, generator=g) < density
+    if o > 2 and density not in (0.0, 1.0):
+        mask[r(0, o - 1)] = False  # an empty row: the output is the bias alone
+    return weight, mask, torch.randn(n, c, h, w, generator=g), torch.randn(o, generator=g), stride, pad
+
+
 def data_path(*parts: str) -> Path:
     """Path inside the real-data folder, or skip the test with the reason."""
     path = DATA_DIR.joinpath(*parts)

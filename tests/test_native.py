@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import simd_paths
+from conftest import random_conv_case, simd_paths
 from torch import nn
 
 import sparseopt
@@ -32,21 +32,6 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float((y - reference).abs().max()) / max(1.0, float(reference.abs().max())) if reference.numel() else 0.0
 
 
-def _random_case(g: torch.Generator, density: float | None = None):
-    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
-    k = (1, 3, 5, 7)[r(0, 3)]
-    stride, pad = r(1, 2), r(0, 3)
-    c, o, n = r(1, 24), r(1, 40), r(1, 33 if r(0, 3) == 0 else 4)
-    low = max(1, k - 2 * pad)
-    h, w = r(low, low + 17), r(low, low + 19)  # 1x1 and 7x7 maps among them; widths off the vector tile
-    density = float(torch.rand(1, generator=g)) if density is None else density
-    weight = torch.randn(o, c, k, k, generator=g)
-    mask = torch.rand(o, c, k, k, generator=g) < density
-    if o > 2 and density not in (0.0, 1.0):
-        mask[r(0, o - 1)] = False  # an empty row: the output is the bias alone
-    return weight, mask, torch.randn(n, c, h, w, generator=g), torch.randn(o, generator=g), stride, pad
-
-
 @pytest.mark.parametrize("path", SIMD_PATHS)
 def test_direct_conv_equals_conv2d_on_every_path(path, fresh_backend):
     fresh_backend.setenv("SPARSEOPT_SIMD", path)
@@ -57,7 +42,7 @@ def test_direct_conv_equals_conv2d_on_every_path(path, fresh_backend):
     g = torch.Generator().manual_seed(build.PATHS.index(path))
     densities = [0.0, 1.0, 0.01, 0.05, 0.3] + [None] * 55
     for trial, density in enumerate(densities):
-        weight, mask, x, bias, stride, pad = _random_case(g, density)
+        weight, mask, x, bias, stride, pad = random_conv_case(g, density)
         if trial % 3 == 1:
             x = x.contiguous(memory_format=torch.channels_last)  # read through its strides
         k = weight.shape[-1]

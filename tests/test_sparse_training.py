@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import simd_paths
+from conftest import random_conv_case, simd_paths
 from torch import nn
 
 import sparseopt
@@ -29,19 +29,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / max(1.0, float(b.abs().max())) if b.numel() else 0.0
 
 
-def _conv_case(g: torch.Generator, density: float | None):
-    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
-    k = (1, 3, 5, 7)[r(0, 3)]
-    stride, pad = r(1, 3), r(0, k - 1)
-    c, o, n = r(1, 20), r(1, 24), r(1, 9)
-    low = max(1, k - 2 * pad)
-    h, w = r(low, low + 15), r(low, low + 17)
-    density = float(torch.rand(1, generator=g)) if density is None else density
-    mask = torch.rand(o, c, k, k, generator=g) < density
-    weight = torch.randn(o, c, k, k, generator=g) * mask
-    return weight, mask, torch.randn(n, c, h, w, generator=g), torch.randn(o, generator=g), stride, pad
-
-
 @pytest.mark.parametrize("path", SIMD_PATHS)
 def test_sparse_autograd_equals_masked_dense_on_every_path(path, fresh_backend):
     """Output, input gradient, weight gradient at the active positions (zeros elsewhere) and bias gradient."""
@@ -51,7 +38,8 @@ def test_sparse_autograd_equals_masked_dense_on_every_path(path, fresh_backend):
         pytest.skip(f"compiled kernels unavailable here: {backend.reason}")
     g = torch.Generator().manual_seed(10 + build.PATHS.index(path))
     for trial, density in enumerate([0.0, 1.0, 0.01, 0.05, 0.3] + [None] * 35):
-        weight, mask, x, bias, stride, pad = _conv_case(g, density)
+        weight, mask, x, bias, stride, pad = random_conv_case(g, density, max_stride=3, pad_below_kernel=True)
+        weight = weight * mask
         k = weight.shape[-1]
         use_bias = trial % 3 == 0
         ref_x, ref_w = x.clone().requires_grad_(), weight.clone().requires_grad_()
