@@ -35,6 +35,23 @@ def native(fresh_backend):
     return backend
 
 
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference over the reference's scale (at least 1): fp32 kernels against torch's."""
+    y, reference = y.detach(), reference.detach()
+    return float((y - reference).abs().max()) / max(1.0, float(reference.abs().max())) if reference.numel() else 0.0
+
+
+def use_simd_path(monkeypatch, path: str):
+    """The kernels capped at ``path`` (SPARSEOPT_SIMD), or skip with the reason; the backend."""
+    from sparseopt.native import build
+
+    monkeypatch.setenv("SPARSEOPT_SIMD", path)
+    backend, lib = build.load(warn=False)
+    if lib is None:
+        pytest.skip(f"compiled kernels unavailable here: {backend.reason}")
+    return backend
+
+
 def simd_paths() -> list[str]:
     """The SIMD paths this CPU runs (each kernel test runs on all of them)."""
     from sparseopt.native import build

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_conv_case, simd_paths
+from conftest import random_conv_case, relative_error, simd_paths, use_simd_path
 from torch import nn
 
 import sparseopt
@@ -28,16 +28,9 @@ TOLERANCE = 1e-5  # relative to the output's scale, fp32
 SIMD_PATHS = simd_paths()
 
 
-def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((y - reference).abs().max()) / max(1.0, float(reference.abs().max())) if reference.numel() else 0.0
-
-
 @pytest.mark.parametrize("path", SIMD_PATHS)
 def test_direct_conv_equals_conv2d_on_every_path(path, fresh_backend):
-    fresh_backend.setenv("SPARSEOPT_SIMD", path)
-    backend, lib = build.load(warn=False)
-    if lib is None:
-        pytest.skip(f"compiled kernels unavailable here: {backend.reason}")
+    backend = use_simd_path(fresh_backend, path)
     assert backend.path == path
     g = torch.Generator().manual_seed(build.PATHS.index(path))
     densities = [0.0, 1.0, 0.01, 0.05, 0.3] + [None] * 55
@@ -57,7 +50,7 @@ def test_direct_conv_equals_conv2d_on_every_path(path, fresh_backend):
         expected = expected + residual if residual is not None else expected
         expected = expected.relu() if relu else expected
         assert y.shape == expected.shape
-        assert _relative_error(y, expected) <= TOLERANCE, (trial, tuple(weight.shape), tuple(x.shape), stride, pad)
+        assert relative_error(y, expected) <= TOLERANCE, (trial, tuple(weight.shape), tuple(x.shape), stride, pad)
         if out_padding != (0, 0):  # a view inside a zero border, the layout the next layer reads
             p = out_padding[0]
             base = torch.as_strided(y, (y.shape[0], y.shape[1], y.shape[2] + 2 * p, y.shape[3] + 2 * p),
@@ -71,7 +64,7 @@ def test_direct_conv_equals_conv2d_on_every_path(path, fresh_backend):
         mask = torch.rand(19, 37, generator=g) < density
         for rows in (features[:1], features, features.reshape(5, 1, 37)):
             y = conv.linear(rows, conv.DirectWeight(weight * mask, mask), bias[:19] if len(bias) >= 19 else None)
-            assert _relative_error(y, F.linear(rows, weight * mask, bias[:19] if len(bias) >= 19 else None)) <= TOLERANCE
+            assert relative_error(y, F.linear(rows, weight * mask, bias[:19] if len(bias) >= 19 else None)) <= TOLERANCE
 
 
 def test_no_read_past_the_input(native):
@@ -92,7 +85,7 @@ def test_no_read_past_the_input(native):
         weight = torch.randn(4, c, 1, 1, generator=g)
         mask = torch.ones_like(weight, dtype=torch.bool)
         y = conv.conv2d(x, conv.DirectWeight(weight, mask), None, (1, 1), (1, 1), (0, 0))
-        assert _relative_error(y, F.conv2d(x, weight)) <= TOLERANCE
+        assert relative_error(y, F.conv2d(x, weight)) <= TOLERANCE
     del x, floats
 
 
@@ -106,7 +99,7 @@ def test_a_padded_output_is_read_in_place_by_the_next_layer(native, monkeypatch)
     monkeypatch.setattr(conv, "pack", lambda *a: packs.append(a) or pytest.fail("packed again"))
     z = conv.conv2d(y, conv.DirectWeight(w2 * m2, m2), None, (3, 3), (1, 1), (1, 1))
     expected = F.conv2d(F.conv2d(x, w1 * m1, None, 1, 1).relu(), w2 * m2, None, 1, 1)
-    assert not packs and _relative_error(z, expected) <= TOLERANCE
+    assert not packs and relative_error(z, expected) <= TOLERANCE
 
 
 def _trained_like(model: nn.Module) -> nn.Module:
@@ -132,9 +125,9 @@ def test_whole_models_on_the_direct_kernel_give_the_masked_outputs(native, name,
     report = fast.sparse_report
     assert {layer["kernel"] for layer in report["layers"].values()} == {"direct"}
     with torch.inference_mode():
-        assert _relative_error(fast(x), reference) <= TOLERANCE
+        assert relative_error(fast(x), reference) <= TOLERANCE
         other = torch.randn(batch + 1, *shape)  # another batch size: the offsets are per geometry, the result exact
-        assert _relative_error(fast(other), model(other)) <= TOLERANCE
+        assert relative_error(fast(other), model(other)) <= TOLERANCE
     assert report["backend"]["path"] == native.path
     memory = report["weight_memory"]
     assert 0 < memory["ratio"] <= 0.15, memory  # values + positions at 95%
@@ -162,7 +155,7 @@ def test_two_threads_run_one_model_at_once(native):
     def serve(i):
         with torch.inference_mode():
             for _ in range(15):
-                errors.append(_relative_error(fast(inputs[i]), references[i]))
+                errors.append(relative_error(fast(inputs[i]), references[i]))
 
     workers = [threading.Thread(target=serve, args=(i,)) for i in (0, 1)]
     for w in workers:
@@ -193,7 +186,7 @@ def test_a_user_model_fx_cannot_trace_runs_unfused(native):
     assert fast.sparse_report["fusion"]["fused"] == {}
     assert "torch.fx cannot trace" in fast.sparse_report["fusion"]["note"]
     with torch.inference_mode():
-        assert _relative_error(fast(x), model(x)) <= TOLERANCE
+        assert relative_error(fast(x), model(x)) <= TOLERANCE
 
 
 def test_fusion_keeps_a_layer_used_twice_and_a_shared_output_apart(native):
@@ -213,7 +206,7 @@ def test_fusion_keeps_a_layer_used_twice_and_a_shared_output_apart(native):
     fast = sparseopt.sparse_inference(model, masks, x, choose="direct")
     assert fast.sparse_report["fusion"]["fused"] == {}
     with torch.inference_mode():
-        assert _relative_error(fast(x), model(x)) <= TOLERANCE
+        assert relative_error(fast(x), model(x)) <= TOLERANCE
     assert fuse_epilogues(nn.Sequential(nn.Linear(2, 2)))[1]["note"] == "no layer runs the direct kernel"
 
 
@@ -258,7 +251,7 @@ def test_forced_fallback_uses_torchs_kernels(fresh_backend, tmp_path):
     assert all("direct" not in layer["ms"] for layer in sparseopt.sparse_inference(model, masks, x).sparse_report[
         "layers"].values())
     with torch.inference_mode():
-        assert _relative_error(fast(x), model(x)) <= TOLERANCE
+        assert relative_error(fast(x), model(x)) <= TOLERANCE
 
 
 def test_no_compiler_is_one_warning_and_torchs_kernels(fresh_backend, tmp_path):

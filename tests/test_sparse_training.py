@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_conv_case, simd_paths
+from conftest import random_conv_case, relative_error, simd_paths, use_simd_path
 from torch import nn
 
 import sparseopt
@@ -24,18 +24,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIMD_PATHS = simd_paths()
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max()) / max(1.0, float(b.abs().max())) if b.numel() else 0.0
-
-
 @pytest.mark.parametrize("path", SIMD_PATHS)
 def test_sparse_autograd_equals_masked_dense_on_every_path(path, fresh_backend):
     """Output, input gradient, weight gradient at the active positions (zeros elsewhere) and bias gradient."""
-    fresh_backend.setenv("SPARSEOPT_SIMD", path)
-    backend, lib = build.load(warn=False)
-    if lib is None:
-        pytest.skip(f"compiled kernels unavailable here: {backend.reason}")
+    use_simd_path(fresh_backend, path)
     g = torch.Generator().manual_seed(10 + build.PATHS.index(path))
     for trial, density in enumerate([0.0, 1.0, 0.01, 0.05, 0.3] + [None] * 35):
         weight, mask, x, bias, stride, pad = random_conv_case(g, density, max_stride=3, pad_below_kernel=True)
@@ -53,12 +45,12 @@ def test_sparse_autograd_equals_masked_dense_on_every_path(path, fresh_backend):
         y = functions.SparseConv2dFunction.apply(sx, sw, sb, tw, ((k, k), (stride, stride), (pad, pad)), False)
         y.backward(dy)
         case = (trial, tuple(weight.shape), tuple(x.shape), stride, pad)
-        assert y.shape == y_ref.shape and _rel(y, y_ref) <= 1e-5, case
-        assert _rel(sx.grad, ref_x.grad) <= 1e-5, case
-        assert _rel(sw.grad, ref_w.grad * mask) <= 1e-5, case
+        assert y.shape == y_ref.shape and relative_error(y, y_ref) <= 1e-5, case
+        assert relative_error(sx.grad, ref_x.grad) <= 1e-5, case
+        assert relative_error(sw.grad, ref_w.grad * mask) <= 1e-5, case
         assert torch.count_nonzero(sw.grad[~mask]) == 0, case
         if use_bias:
-            assert _rel(sb.grad, ref_b.grad) <= 1e-5, case
+            assert relative_error(sb.grad, ref_b.grad) <= 1e-5, case
     for density in (0.0, 0.07, 1.0):  # Linear, batch as the vector dimension, 3-D input
         mask = torch.rand(19, 37, generator=g) < density
         weight, bias = torch.randn(19, 37, generator=g) * mask, torch.randn(19, generator=g)
@@ -70,7 +62,7 @@ def test_sparse_autograd_equals_masked_dense_on_every_path(path, fresh_backend):
         functions.SparseLinearFunction.apply(*out, native_grad.TrainingWeight(mask), False).backward(dy)
         for a, b in zip(out, ref):
             expected = b.grad * mask if b.shape == weight.shape else b.grad
-            assert _rel(a.grad, expected) <= 1e-5, density
+            assert relative_error(a.grad, expected) <= 1e-5, density
 
 
 def test_dense_gradient_steps_give_the_gradient_everywhere(native):
@@ -82,7 +74,7 @@ def test_dense_gradient_steps_give_the_gradient_everywhere(native):
     F.conv2d(x, ref_w, None, 2, 1).sum().backward()
     functions.SparseConv2dFunction.apply(x, sw, None, native_grad.TrainingWeight(mask), ((3, 3), (2, 2), (1, 1)),
                                          True).sum().backward()
-    assert _rel(sw.grad, ref_w.grad) <= 1e-5 and torch.count_nonzero(sw.grad[~mask]) > 0
+    assert relative_error(sw.grad, ref_w.grad) <= 1e-5 and torch.count_nonzero(sw.grad[~mask]) > 0
 
 
 def test_weight_gradient_is_the_same_for_any_thread_count(native):
@@ -201,7 +193,7 @@ def test_gradient_accumulation_and_clipping_see_masked_training_gradients(native
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
     for (n, a), b in zip(masked[0].named_parameters(), sparse[0].parameters()):
-        assert _rel(b.grad, a.grad) <= 1e-5, n
+        assert relative_error(b.grad, a.grad) <= 1e-5, n
 
 
 @pytest.mark.skipif(not (DATA / "cifar-10-python.tar.gz").is_file(), reason="needs real CIFAR-10 in ../shared/data")
@@ -294,7 +286,7 @@ def test_layers_the_kernels_cannot_take_stay_masked_with_the_reason(native):
     sparse.remove()
     reference = model(x)
     sparse = sparseopt.sparse_training(masks, "sparse")
-    assert _rel(model(x), reference) <= 1e-5
+    assert relative_error(model(x), reference) <= 1e-5
 
 
 def test_bf16_autocast_float64_and_missing_kernels_fall_back_to_masked(fresh_backend):
