@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparseopt.deploy.bench import bench_inference  # noqa: E402
 from sparseopt.deploy.run import example_batch, synthetic_model  # noqa: E402
+from sparseopt.files import write_json  # noqa: E402
 from sparseopt.native import build  # noqa: E402
-from sparseopt.train.io import write_json  # noqa: E402
 
 
 def main() -> None:

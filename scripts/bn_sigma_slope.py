@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparseopt.analysis.report import find_run_dirs  # noqa: E402
 from sparseopt.data import DATASETS  # noqa: E402
+from sparseopt.files import load_checkpoint  # noqa: E402
 from sparseopt.masks.maskset import MASK_BUFFER, MaskSet  # noqa: E402
 from sparseopt.monitor import neuron_stats  # noqa: E402
 from sparseopt.optim.sparseopt import NormalizedLayerFinder  # noqa: E402
 from sparseopt.train.build import make_model  # noqa: E402
 from sparseopt.train.config import make_config  # noqa: E402
-from sparseopt.train.io import load_checkpoint  # noqa: E402
 
 
 def run_slopes(run: Path) -> dict[str, float]:

@@ -216,7 +216,7 @@ def test_optional_logger_missing_is_a_clear_error(tmp_path, capsys, monkeypatch)
 def test_atomic_write_keeps_old_file_on_failure_and_sets_permissions(tmp_path):
     import os
 
-    from sparseopt.train.io import atomic_write, write_json
+    from sparseopt.files import atomic_write, write_json
 
     path = write_json(tmp_path / "r.json", {"a": 1})
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_current_umask())

@@ -356,7 +356,7 @@ def test_a_full_disk_is_one_line_saying_where_and_how_much_and_the_run_resumes(t
     import shutil as shutil_mod
     from collections import namedtuple
 
-    from sparseopt.train import io as io_mod
+    from sparseopt import files as io_mod
 
     out = tmp_path / "run"
     args = ["train", "--epochs", "2", "--quiet", "--no-compare-optimizers", "--train-subset", "512", "--out", str(out)]

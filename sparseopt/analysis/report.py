@@ -34,10 +34,11 @@ from typing import Any
 
 import yaml
 
+from ..files import write_json
 from ..optim.presets import OPTIMIZER_PRESETS
 from ..topology import DST_METHODS
 from ..train.config import NON_METHOD_KEYS, with_defaults
-from ..train.io import read_metrics, write_json
+from ..train.io import read_metrics
 from ..train.naming import NAMED_KEYS
 from .figures import epoch_axis, pyplot, save_figure, write_csv, write_text
 

@@ -199,7 +199,7 @@ def run_skew(
     """
     from pathlib import Path
 
-    from ..train.io import write_json
+    from ..files import write_json
     from .figures import pyplot, save_figure, write_csv
 
     out = Path(out)

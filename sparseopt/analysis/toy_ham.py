@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..train.io import write_json
+from ..files import write_json
 from .figures import pyplot, save_figure, write_csv
 
 

@@ -6,12 +6,12 @@ import argparse
 
 
 def cmd_bench_train(argv: list[str]) -> int:
+    from ..files import write_json
     from ..masks.distributions import DISTRIBUTIONS
     from ..masks.structure import STRUCTURES
     from ..topology import DST_METHODS
     from ..train.bench_train import bench_train, default_dataset
     from ..train.config import TrainConfig
-    from ..train.io import write_json
     from ..training_kernels import KERNEL_MODES
 
     p = argparse.ArgumentParser(prog="sparseopt bench-train", allow_abbrev=False,

@@ -32,9 +32,9 @@ def cmd_export(argv: list[str]) -> int:
 def cmd_bench_infer(argv: list[str]) -> int:
     from ..deploy.bench import bench_inference
     from ..deploy.run import example_batch, load_run, synthetic_model
+    from ..files import write_json
     from ..masks.distributions import DISTRIBUTIONS
     from ..masks.structure import STRUCTURES
-    from ..train.io import write_json
 
     p = argparse.ArgumentParser(prog="sparseopt bench-infer", allow_abbrev=False,
                                 description="Dense against sparse CPU inference, side by side in one run.")

@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import atomic_write, load_failure
 from ..masks.maskset import MaskSet
 from ..masks.structure import Structure
 from ..models import MODELS, build_model
 from ..plugins import load_plugins
-from ..train.io import atomic_write, load_failure
 from .encoding import decode, encode, pack, unpack
 
 FORMAT = "sparseopt-sparse-v1"

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from ..data import CLASS_NAMES, DATASETS
+from ..files import load_checkpoint
 from ..masks.maskset import MaskSet
 from ..masks.structure import Structure
 from ..models import build_model
 from ..train.build import model_spec
 from ..train.config import TrainConfig, load_yaml, make_config
-from ..train.io import load_checkpoint
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, MaskSet, dict[str, Any]]:

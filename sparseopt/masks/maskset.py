@@ -74,17 +74,22 @@ def resolve_weight(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Modu
     return None
 
 
-def weight_candidates(model: nn.Module, embeddings: bool = False) -> list[tuple[str, nn.Module]]:
+def weight_candidates(model: nn.Module, embeddings: bool = False,
+                      types: tuple[type[nn.Module], ...] = SPARSIFIABLE_TYPES,
+                      tied: dict[str, str] | None = None) -> list[tuple[str, nn.Module]]:
     """Every weight ``sparsify`` may mask, as (name, owning module), in registration order.
 
     Linear and Conv1d/2d/3d weights; nn.MultiheadAttention's input projections
     (``in_proj_weight``, or ``q/k/v_proj_weight`` when key and value sizes differ);
     nn.Embedding tables only with ``embeddings=True``. A weight shared by several
-    modules appears once, under its first owner.
+    modules appears once, under its first owner. ``types`` replaces the Linear and
+    Conv module types (an integration adds its framework's own, as transformers' Conv1D).
+    ``tied`` receives ``name -> reason`` for each weight left out for a tie (the caller says
+    so for the layers it asked for).
     """
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, SPARSIFIABLE_TYPES) or (embeddings and isinstance(module, nn.Embedding)):
+        if isinstance(module, types) or (embeddings and isinstance(module, nn.Embedding)):
             found.append((name, module, module.weight))
         elif isinstance(module, nn.MultiheadAttention):
             found += [(f"{name}.{p}" if name else p, module, getattr(module, p))
@@ -92,12 +97,14 @@ def weight_candidates(model: nn.Module, embeddings: bool = False) -> list[tuple[
     # Tied weights (a decoder sharing its embedding's table, say) are one parameter: masking it twice would
     # multiply two independent masks (actual density far below the reported one). The first owner masks it;
     # without ``embeddings`` a weight tied to an embedding table stays dense, as the table itself does.
-    seen = set() if embeddings else {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tables = set() if embeddings else {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    seen = set(tables)
     out = []
     for name, module, weight in found:
         if id(weight) in seen:
-            logger.info("not masking %r: its weight is tied to a parameter that is %s", name,
-                        "masked already" if embeddings else "an embedding table (embeddings=False)")
+            if tied is not None:
+                tied[name] = ("its weight is tied to an embedding table, which stays dense (embeddings=False)"
+                              if id(weight) in tables else "its weight is tied to a layer masked already (one mask)")
             continue
         seen.add(id(weight))
         out.append((name, module))
@@ -121,6 +128,7 @@ def select_layers(
     dense_first: bool = False,
     dense_last: bool = False,
     embeddings: bool = False,
+    types: tuple[type[nn.Module], ...] = SPARSIFIABLE_TYPES,
 ) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs to sparsify, in registration order.
 
@@ -131,8 +139,14 @@ def select_layers(
     ``"layer3.*"``) or module type; ``exclude`` removes matches.
     ``dense_first`` / ``dense_last`` keep the first / last candidate dense.
     A pattern that matches no candidate is an error (it is almost always a typo).
+    ``types``: the module types whose ``weight`` is a candidate (see :func:`weight_candidates`).
     """
-    candidates = weight_candidates(model, embeddings)
+    tied: dict[str, str] = {}
+    candidates = weight_candidates(model, embeddings, types, tied)
+    for name, reason in tied.items():
+        if (include is None or any(isinstance(s, str) and fnmatch.fnmatchcase(name, s) for s in include)) and \
+                not any(isinstance(s, str) and fnmatch.fnmatchcase(name, s) for s in exclude):
+            logger.info("not masking %r: %s", name, reason)
     if not candidates:
         raise ValueError("model has no Linear, Conv1d/2d/3d or MultiheadAttention weight to sparsify")
     for label, selectors in (("include", include or ()), ("exclude", exclude)):
@@ -178,10 +192,17 @@ class MaskSet:
             ``load_state_dict``); consumers cache per-mask quantities on it.
         structure: the :class:`~sparseopt.masks.structure.Structure` every mask keeps
             (unstructured, constant fan-in, N:M); topology updates preserve it.
+        persistent: whether the masks are part of ``model.state_dict()`` (default), so that
+            loading a state dict loads them and re-zeroes the masked weights. With ``False``
+            their owner saves them (:meth:`state_dict`) and the model's own files hold only
+            the weights, zero at the masked positions: the Hugging Face and Lightning
+            integrations do this, so the model loads anywhere without sparseopt.
     """
 
-    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], structure: Structure | str = "unstructured"):
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], structure: Structure | str = "unstructured",
+                 persistent: bool = True):
         modules = dict(model.named_modules())
+        self.persistent = bool(persistent)
         self.model = model
         self.structure = Structure.parse(structure)
         self.layers: list[MaskedLayer] = []
@@ -204,8 +225,9 @@ class MaskSet:
             tied = next((other.name for other in self.layers if other.weight is weight), None)
             if tied is not None:
                 raise ValueError(f"layers {tied!r} and {name!r} share one weight (tied parameters); give it one mask")
-            layer.module.register_buffer(layer.buffer, mask.to(device=weight.device, dtype=torch.bool).clone())
-            if not any(other.module is layer.module for other in self.layers):
+            layer.module.register_buffer(layer.buffer, mask.to(device=weight.device, dtype=torch.bool).clone(),
+                                         persistent=self.persistent)
+            if self.persistent and not any(other.module is layer.module for other in self.layers):
                 # Loading the model's state_dict overwrites the mask buffers in place:
                 # bump the version so cached per-mask quantities are recomputed.
                 self._hooks.append(layer.module.register_load_state_dict_post_hook(self._on_model_load))
@@ -425,6 +447,8 @@ def sparsify(
     embeddings: bool = False,
     structure: str | Structure = "unstructured",
     nm: str | tuple[int, int] | None = None,
+    types: tuple[type[nn.Module], ...] = SPARSIFIABLE_TYPES,
+    persistent: bool = True,
 ) -> MaskSet:
     """Mask a model's Conv/Linear weights at global ``sparsity`` with random masks.
 
@@ -444,6 +468,8 @@ def sparsify(
             keeps ``round(density * fan_in)`` inputs, the layer densities of ``distribution``;
             SRigL) or ``"nm"`` with ``nm="N:M"`` (exactly N active in every M consecutive inputs;
             ``sparsity`` must then be ``1 - N/M``). See :mod:`sparseopt.masks.structure`.
+        types: the module types whose weights may be masked (default Linear and Conv1d/2d/3d).
+        persistent: whether the masks are part of ``model.state_dict()`` (see :class:`MaskSet`).
 
     Returns:
         the :class:`MaskSet`; the global number of active weights is
@@ -458,7 +484,7 @@ def sparsify(
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {list(INITS)}")
     chosen = select_layers(model, include=include, exclude=exclude, dense_first=dense_first, dense_last=dense_last,
-                           embeddings=embeddings)
+                           embeddings=embeddings, types=types)
     modules = dict(model.named_modules())
     names = [n for n, _ in chosen]
     weights = [getattr(*resolve_weight(modules, n)) for n in names]
@@ -469,7 +495,7 @@ def sparsify(
         structure.check_shape(name, shape)
     draw = structure.random_mask if structure.grouped else random_mask
     masks = {name: draw(w.shape, count, generator, w.device) for name, w, count in zip(names, weights, counts)}
-    mask_set = MaskSet(model, masks, structure)
+    mask_set = MaskSet(model, masks, structure, persistent)
     if init == "sparse":
         sparse_init_(mask_set, generator=generator)
     dense = mask_set.unmasked_weights()

@@ -78,9 +78,19 @@ class NormalizedLayerFinder:
                 if removes_skew(self.group_sizes[name], out.shape[channel_dim(layer, out)]):
                     self._feeds.add(name)
 
-    def _finish(self, module, args, output):
+    def _finish(self, module=None, args=None, output=None):
         self.found = [n for n in self._order if n in self._feeds]
         self.close()
+
+    def conclude(self) -> bool:
+        """Settle the answer from what the forward passes so far showed; False if no masked layer has run yet.
+
+        The model's own forward hook settles it after the first full pass; a framework whose step calls
+        submodules, not the model (a LightningModule's ``training_step``), settles it here, at the first step.
+        """
+        if self.found is None and self._outputs:
+            self._finish()
+        return self.found is not None
 
     def close(self) -> None:
         """Remove the hooks (after the first forward pass, or when the answer is known)."""
@@ -95,6 +105,9 @@ class DetectedLayers:
 
     def __init__(self, found: list[str], norms: dict[str, nn.Module], group_sizes: dict[str, int]):
         self.found, self.norms, self.group_sizes = found, norms, group_sizes
+
+    def conclude(self) -> bool:
+        return self.found is not None
 
     def close(self) -> None:
         pass
@@ -199,6 +212,7 @@ class SparseOpt(OptimizerWrapper):
         # One finder per run: it serves the layer selection, the scale source and the trainer's monitoring.
         self._finder: NormalizedLayerFinder | DetectedLayers = NormalizedLayerFinder(masks.model, masks)
         self._skip_next = False
+        self._saved_decay: list[Any] | None = None  # base weight decay folded into the gradients by begin_step
         # The scales applied now (per layer; None = not preconditioned) and the multipliers built from them.
         self._scales: list[torch.Tensor | None] | None = None
         self._cache_key: tuple | None = None
@@ -224,7 +238,7 @@ class SparseOpt(OptimizerWrapper):
         return self._finder.norms if self._finder.found is not None else None
 
     def _detected(self) -> NormalizedLayerFinder:
-        if self._finder.found is None:
+        if self._finder.found is None and not self._finder.conclude():
             raise RuntimeError(
                 "layers='normalized' and scale_source='bn_stats' are detected on the model's first forward pass; "
                 "run a forward pass before calling step() or reading preconditioned_layers"
@@ -323,8 +337,12 @@ class SparseOpt(OptimizerWrapper):
         """
         self._skip_next = True
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def clear_skip(self) -> None:
+        """Withdraw a :meth:`skip_next_step` request that no step consumed (a GradScaler skipped that step)."""
         self._skip_next = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.clear_skip()
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
@@ -338,21 +356,48 @@ class SparseOpt(OptimizerWrapper):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._evaluate(closure)
+        if self.begin_step():
+            try:
+                self.base.step()
+            finally:
+                self.end_step()
+        return loss
+
+    # -- the step in two halves, around a base step that someone else calls ------------------
+    # Hugging Face's Trainer and Lightning step the optimizer they built (wrapped by accelerate, a
+    # GradScaler or a strategy); sparseopt.integrations runs these two halves around that step instead
+    # of replacing the optimizer.
+    @torch.no_grad()
+    def begin_step(self) -> bool:
+        """Everything :meth:`step` does before the base optimizer's step; False when this step is skipped.
+
+        A skipped step (:meth:`skip_next_step`) consumes the request; call :meth:`end_step` only after a
+        True, once the base optimizer has stepped.
+        """
         if self._skip_next:
             self._skip_next = False
-            return loss
-        saved_decay = self._fold_weight_decay() if self.scale_weight_decay else None
+            return False
+        self._saved_decay = self._fold_weight_decay() if self.scale_weight_decay else None
         try:
             self.precondition_grads_()
             if self.max_grad_norm is not None:
                 clip_grad_norm_of(self.param_groups, self.max_grad_norm, self.foreach)
-            self.base.step()
-        finally:
-            if saved_decay is not None:
-                for group, wd in zip(self.param_groups, saved_decay):
-                    group["weight_decay"] = wd
+        except BaseException:
+            self._restore_weight_decay()
+            raise
+        return True
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """Everything :meth:`step` does after the base optimizer's step: masked weights are zero again."""
+        self._restore_weight_decay()
         self.masks.apply_()
-        return loss
+
+    def _restore_weight_decay(self) -> None:
+        saved, self._saved_decay = self._saved_decay, None
+        if saved is not None:
+            for group, wd in zip(self.param_groups, saved):
+                group["weight_decay"] = wd
 
     def _fold_weight_decay(self) -> list[Any]:
         """Move coupled weight decay into the gradients; the base step then sees wd = 0."""

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
+from ..files import atomic_write, write_json
 from ..train.config import config_differences
-from ..train.io import atomic_write, write_json
 from ..train.run_folder import listing
 from .grid import PlannedRun, SweepSpec, expand, run_state
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from ..files import load_checkpoint
 from ..messages import plural
 from .build import RunObjects, resolve_method
 from .config import TrainConfig, config_differences
-from .io import load_checkpoint
 
 FORMAT = "sparseopt-checkpoint-v1"
 

@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from ..analysis.figures import epoch_axis, pyplot, save_figure, write_text
+from ..files import write_json
 from .config import TrainConfig, config_differences
-from .io import read_metrics, write_json
+from .io import read_metrics
 from .naming import run_name
 from .stopping import Interrupted
 from .trainer import Trainer

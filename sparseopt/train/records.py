@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import yaml
 
+from ..files import atomic_write, save_checkpoint, write_json
 from .build import effective_delta_t, resolve_method
 from .config import TrainConfig
-from .io import atomic_write, environment, jsonl_lines, read_metrics, save_checkpoint, write_json
+from .io import environment, jsonl_lines, read_metrics
 from .naming import run_name
 from .run_folder import MARKER, RunLock, clear_run_folder, write_marker
 from .runtime import open_loggers

@@ -1,0 +1,94 @@
+"""The session both framework callbacks share, driven by hand the way a framework drives it."""
+
+import pytest
+import torch
+from torch import nn
+
+from sparseopt.integrations.session import SparseSession, innermost_optimizer, target_layers
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)) for _ in range(2))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def hooked(session, optimizer):
+    base = innermost_optimizer(optimizer)
+    base.register_step_pre_hook(lambda *_: session.begin_step())
+    base.register_step_post_hook(lambda *_: session.end_step())
+
+
+def test_default_targets_are_the_layers_inside_module_lists():
+    assert target_layers(Blocks()) == ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]
+    assert target_layers(Blocks(), targets=r"^(embed|head)$") == ["embed", "head"]
+    assert target_layers(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))) == ["0", "2"]
+    assert target_layers(Blocks(), ignore=r"\.2$") == ["blocks.0.0", "blocks.1.0"]
+    with pytest.raises(ValueError, match="no layer to sparsify: the model has no blocks"):
+        target_layers(nn.Linear(2, 2))
+
+
+def test_a_grad_scaler_around_the_hooked_step_skips_the_update_step_and_overflows_cleanly():
+    model = Blocks()
+    session = SparseSession(0.8, dst="set", delta_t=2, precondition=False)
+    session.attach_masks(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    session.attach_optimizer(optimizer, total_steps=20)
+    hooked(session, optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    for step in range(8):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if step == 3:  # an fp16 overflow: the scaler skips the step
+            model.head.weight.grad[0, 0] = float("inf")
+        dense = [model.embed.weight, model.head.bias]  # not masked: they move exactly when the optimizer steps
+        before = [p.detach().clone() for p in dense]
+        changed = session.topology_step()
+        scaler.step(optimizer)  # unscales, checks for inf, then the hooked base step
+        scaler.update()
+        moved = any(not torch.equal(a, p) for a, p in zip(before, dense))
+        assert changed == (step in (2, 4, 6))  # t = 2, 4, 6 < t_end = 15
+        assert moved == (step not in (2, 3, 4, 6)), step  # update steps skipped, overflow skipped by the scaler
+        for weight, mask in zip(session.masks.weights, session.masks.masks):
+            assert not weight[~mask].any()
+    assert session.topology.num_updates == 3
+
+
+def test_the_session_state_round_trips_and_refuses_foreign_files(tmp_path):
+    model = Blocks()
+    session = SparseSession(0.9, dst="rigl", delta_t=1)
+    session.attach_masks(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    session.attach_optimizer(optimizer, total_steps=10)
+    hooked(session, optimizer)
+    for _ in range(3):  # updates at t = 1, 2
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).pow(2).sum().backward()
+        session.topology_step()
+        optimizer.step()
+    session.save(tmp_path / "state.pt", token="x")
+    other = SparseSession(0.9, dst="rigl", delta_t=1)
+    other.attach_masks(Blocks())
+    other.attach_optimizer(torch.optim.SGD(other.masks.model.parameters(), lr=0.1), total_steps=10)
+    state = SparseSession.read(tmp_path / "state.pt")
+    assert state["token"] == "x"
+    other.load_state_dict(state)
+    assert other.masks.checksum() == session.masks.checksum() and other.topology.num_updates == 2
+    assert other.masks.checksum() != SparseSession(0.9).attach_masks(Blocks()).checksum()
+    torch.save({"format": "something else"}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="is not a sparseopt session state"):
+        SparseSession.read(tmp_path / "foreign.pt")
+    (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        SparseSession.read(tmp_path / "damaged.pt")
