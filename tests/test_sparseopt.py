@@ -304,7 +304,20 @@ def test_wrappers_copy_and_pickle_like_torch_optimizers():
     assert type(copy.deepcopy(ham).base) is torch.optim.SGD
 
 
-def test_state_dict_hooks_registered_on_the_wrapper_run():
+def test_every_kind_of_torch_optimizer_hook_runs_on_the_wrapper_and_on_its_pickled_copy():
+    """The wrapper gets its hook registries from Optimizer.__setstate__ (no private names), and its state_dict
+    runs torch's registries itself: this pins both on the installed torch (issue 28)."""
+    import pickle
+
+    model, masks, opt = _sgd_model()
+    _backward(model)  # the first forward pass settles the layer detection and removes its hooks (picklable)
+    for wrapper in (opt, pickle.loads(pickle.dumps(opt))):
+        calls = []
+        wrapper.register_step_pre_hook(lambda o, args, kwargs: calls.append("step-pre"))
+        wrapper.register_step_post_hook(lambda o, args, kwargs: calls.append("step-post"))
+        _backward(wrapper.masks.model)
+        wrapper.step()
+        assert calls == ["step-pre", "step-post"]
     model, masks, opt = _sgd_model()
     calls = []
     opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
@@ -315,3 +328,40 @@ def test_state_dict_hooks_registered_on_the_wrapper_run():
     assert state["extra"] == 1 and calls == ["pre"]
     opt.load_state_dict(state)
     assert calls == ["pre", ("load-pre", 1), "load-post"]
+
+
+def test_scale_sources_take_options_and_a_registered_function_is_one_line():
+    """Scale sources could not take options, and a function registered as one was a raw TypeError (issue 28)."""
+    from sparseopt.optim.scales import SCALE_SOURCES, ScaleSource, make_scale_source
+    from sparseopt.train.config import make_config
+
+    class PowerOfFanIn(ScaleSource):
+        def __init__(self, power: float = 0.5):
+            self.power = float(power)
+
+        def scales(self, inputs, process_group=None):
+            return [x.fan_in.pow(2 * self.power) for x in inputs]  # fan_in is (n_i / n_avg) ** 0.5
+
+    SCALE_SOURCES.register("test_power", PowerOfFanIn)
+    SCALE_SOURCES.register("test_function", lambda inputs: inputs)
+    try:
+        assert make_scale_source("test_power", {"power": 0.25}).power == 0.25
+        with pytest.raises(ValueError, match="takes no option 'pwer'.*did you mean 'power'"):
+            make_scale_source("test_power", {"pwer": 1})
+        with pytest.raises(ValueError, match=r"scale source 'test_power' \(PowerOfFanIn\) with scale_kwargs .*could not convert"):
+            make_scale_source("test_power", {"power": "abc"})
+        with pytest.raises(ValueError, match="'test_function' is registered as function .*register a ScaleSource subclass"):
+            make_scale_source("test_function")
+        model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+        masks = sparseopt.sparsify(model, 0.5)
+        opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.1), masks, layers="all",
+                                  scale_source="test_power", scale_kwargs={"power": 0.25})
+        expected = [sparseopt.neuron_scales(m).pow(0.5) for m in masks.masks]
+        assert all(torch.allclose(c, e) for c, e in zip(opt.layer_scales(), expected))
+        cfg = make_config(None, {"scale_source": "test_power", "scale_kwargs": "power=0.25"}).validate()
+        assert cfg.scale_kwargs == {"power": 0.25}
+        with pytest.raises(ValueError, match="optimizer=sgd does not precondition, so scale_kwargs"):
+            make_config(None, {"optimizer": "sgd", "scale_kwargs": "power=0.25"}).validate()
+    finally:
+        SCALE_SOURCES.unregister("test_power")
+        SCALE_SOURCES.unregister("test_function")

@@ -249,3 +249,26 @@ def test_a_method_with_its_own_prune_scores_is_recorded_as_such():
         results = records.run_results(TrainConfig(), Path("."), {"epoch": 1}, epoch=1, num_classes=10,
                                       class_names=None, seconds=1.0, run=run, history=[])
         assert results["resolved"]["prune_score"] == expected
+
+
+def test_a_custom_prune_score_receives_the_layers_scale():
+    """Custom prune scores got scale=None: only 'scaled' fetched the scales (issue 28)."""
+    model = SmallConvNet()
+    masks = sparseopt.sparsify(model, 0.8)
+    opt = sparseopt.SparseOpt(torch.optim.SGD(model.parameters(), lr=0.1), masks, layers="all", scale_source="fan_in")
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    seen = []
+
+    def score(weight, mask, scale):
+        seen.append(scale)
+        return weight.abs()
+
+    expected = opt.layer_scales()  # the scales of the masks before the update
+    sparseopt.SET(masks, opt, delta_t=1, total_steps=10, prune_score=score).update(0.3)
+    assert len(seen) == len(masks) and all(torch.equal(s, c) for s, c in zip(seen, expected))
+    assert any(not torch.all(c == 1) for c in expected)  # real per-neuron scales, not ones
+    seen.clear()
+    plain = sparseopt.MaskSet(nn.Sequential(nn.Linear(4, 4)), {"0": torch.ones(4, 4, dtype=torch.bool)})
+    sparseopt.SET(plain, torch.optim.SGD(plain.model.parameters(), lr=0.1), delta_t=1, total_steps=10,
+                  prune_score=score, skip_update=False, reset_optimizer_state=False).update(0.5)
+    assert seen == [None]  # a torch optimizer has no scales

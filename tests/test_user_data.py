@@ -228,3 +228,32 @@ def test_a_stopped_sweep_is_not_failed_and_shows_its_runs_warnings(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
     assert "-seed0: WARNING: warmup (" in proc.stdout  # the run's warning, in the sweep's own output
+
+
+def test_a_folder_of_small_images_trains_at_their_own_size_unless_told(tmp_path, capsys):
+    """A folder of 28-pixel images trained at 224 by default (issue 28): now at 28, said in the output."""
+    data = png_folder(tmp_path / "chars", {str(i): 4 for i in range(3)}, size=28)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data), "--workers", "0", "--model", "mlp",
+                 *QUICK, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert ("imagefolder: the training images are 28x28: trained at their own size, 28px, not 224 (--image-size to "
+            "change)") in said
+    assert "images 28px" in said and "augmentation none" in said
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["image_size"] == 28
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    first = next(v for k, v in checkpoint["model"].items() if k.endswith("weight") and v.dim() == 2)
+    assert first.shape[1] == 3 * 28 * 28  # the MLP reads 28x28 RGB, not 224x224
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(data), "--workers", "0", "--model", "mlp",
+                 *QUICK, "--out", str(out), "--resume"]) == 0  # the resolved size resumes
+    capsys.readouterr()
+    mixed = png_folder(tmp_path / "mixed", {"a": 4}, size=28)
+    png_folder(mixed, {"b": 4}, size=30)
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(mixed), "--workers", "0", "--model", "mlp",
+                 *QUICK, "--image-size", "32", "--out", str(tmp_path / "told")]) == 0
+    assert "trained at their own size" not in capsys.readouterr().out
+    from sparseopt.data.imagefolder import shared_image_size
+
+    assert shared_image_size(mixed) is None and shared_image_size(data) == (28, 28)

@@ -38,6 +38,34 @@ def _pil():
     return Image
 
 
+def shared_image_size(root: str | Path, sample: int = 64) -> tuple[int, int] | None:
+    """The (width, height) that a sample of the training images all have, or None when they differ.
+
+    Reads only the headers of up to ``sample`` images, taken in turn from every class folder.
+    """
+    folder = Path(root).expanduser() / "train"
+    if not folder.is_dir():
+        return None  # the loader says what is missing
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = [iter(sorted(p for p in c.iterdir() if p.suffix.lower() in EXTENSIONS)) for c in classes]
+    paths: list[Path] = []
+    while per_class and len(paths) < sample:
+        for it in list(per_class):
+            path = next(it, None)
+            if path is None:
+                per_class.remove(it)
+            elif len(paths) < sample:
+                paths.append(path)
+    Image, sizes = _pil(), set()
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+        except (OSError, ValueError):
+            return None  # the loader names the file it cannot decode
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """(left, top, w, h) of a random crop covering ``scale`` of the area with aspect in ``ratio``."""
     area = width * height

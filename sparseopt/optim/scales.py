@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..masks.maskset import MaskedLayer
-from ..registry import Registry
+from ..registry import Registry, check_keywords
 from .preconditioner import bn_scales
 
 logger = logging.getLogger("sparseopt")
@@ -107,19 +107,34 @@ def mean_over_ranks(tensors: list[torch.Tensor], group=None) -> list[torch.Tenso
     return list(flat.split([t.numel() for t in tensors]))
 
 
-# name -> ScaleSource subclass (instantiated without arguments by SparseOpt).
+# name -> ScaleSource subclass, instantiated by SparseOpt with its ``scale_kwargs`` (none by default).
 SCALE_SOURCES: Registry[type[ScaleSource]] = Registry("scale source")
 SCALE_SOURCES.register("fan_in", FanInScale)
 SCALE_SOURCES.register("bn_stats", BNStatsScale)
 
 
-def make_scale_source(source: str | ScaleSource) -> ScaleSource:
-    """A registered source by name, or a :class:`ScaleSource` instance as it is."""
+def make_scale_source(source: str | ScaleSource | type[ScaleSource], kwargs: dict | None = None) -> ScaleSource:
+    """A registered source by name (or a :class:`ScaleSource` subclass) built with ``kwargs``, or an instance as it is.
+
+    The options are checked against the class's signature ("did you mean"); a registered object that is not
+    a ScaleSource subclass, or an option its constructor cannot take, is one line naming the source.
+    """
+    kwargs = dict(kwargs or {})
     if isinstance(source, ScaleSource):
+        if kwargs:
+            raise ValueError(f"scale_kwargs {kwargs} are for a scale source built by name; "
+                             f"{type(source).__name__} is built already")
         return source
-    if isinstance(source, type) and issubclass(source, ScaleSource):
-        return source()
-    instance = SCALE_SOURCES[source]()  # ValueError listing the registered names
-    if instance.name != source:  # a registered subclass that did not set its name: the registry's name
+    cls = source if isinstance(source, type) else SCALE_SOURCES[source]  # ValueError listing the registered names
+    label = source if isinstance(source, str) else cls.__name__
+    if not (isinstance(cls, type) and issubclass(cls, ScaleSource)):
+        raise ValueError(f"scale source {label!r} is registered as {type(cls).__name__} {cls!r}; register a "
+                         "ScaleSource subclass that defines scales(inputs, process_group) (sparseopt.optim.scales)")
+    check_keywords(cls, kwargs, f"scale source {label!r} ({cls.__name__})")
+    try:
+        instance = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"scale source {label!r} ({cls.__name__}) with scale_kwargs {kwargs}: {e}") from None
+    if isinstance(source, str) and instance.name != source:  # a registered subclass that did not set its name
         instance.name = source
     return instance

@@ -143,6 +143,7 @@ class SparseOpt(OptimizerWrapper):
             layers without running statistics use the fan-in) or ``"fan_in"`` (the
             paper, ``sqrt(n_i / n_avg)``, recomputed when a mask changes).
             docs/results.md has the evidence for the default.
+        scale_kwargs: options of the scale source's constructor (a source registered by name).
         scale_ema: ``beta`` of an exponential moving average of ``c`` over steps
             (``0``, the default: ``c`` jumps to its new value at a mask update).
         undamped_growth: connections added by the last topology update get
@@ -168,6 +169,7 @@ class SparseOpt(OptimizerWrapper):
         max_grad_norm: float | None = None,
         scale_weight_decay: bool = False,
         scale_source: str | ScaleSource = "bn_stats",
+        scale_kwargs: dict[str, Any] | None = None,
         scale_ema: float = 0.0,
         undamped_growth: bool = False,
         process_group=None,
@@ -178,7 +180,7 @@ class SparseOpt(OptimizerWrapper):
             raise TypeError(f"masks must be a sparseopt.MaskSet, got {type(masks).__name__}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
-        source = make_scale_source(scale_source)  # ValueError listing the registered sources
+        source = make_scale_source(scale_source, scale_kwargs)  # ValueError naming the source and the option
         if not 0.0 <= float(scale_ema) < 1.0:
             raise ValueError(f"scale_ema must be in [0, 1), got {scale_ema!r}")
         held = {id(p) for group in base.param_groups for p in group["params"]}

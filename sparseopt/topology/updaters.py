@@ -131,7 +131,8 @@ class DSTUpdater(TopologyUpdater):
             (``|w|``, RigL/SET as published), ``"scaled"`` (``|w| / c_i`` with the
             optimizer's SparseOpt scales), ``"normalized"`` (``|w|`` over the
             neuron's RMS weight), a callable ``(weight, mask, scale) -> score``
-            (the smallest, signed, dropped first), or ``"auto"`` (default): the
+            (the smallest, signed, dropped first; ``scale`` is the layer's per-neuron ``c``
+            when the optimizer provides scales, as SparseOpt does, else None), or ``"auto"`` (default): the
             prune score of the optimizer's preset (:func:`sparseopt.optim.presets.preset_of`:
             ``"scaled"`` for the recommended SparseOpt, ``"magnitude"`` for the
             paper's and for any optimizer that does not precondition). With the
@@ -313,7 +314,8 @@ class DSTUpdater(TopologyUpdater):
             self.skipped_updates += 1
             self.last_update = {"t": self.t, "drop_fraction": fraction, "skipped": "non-finite growth scores"}
             return False
-        scales = self.optimizer.layer_scales() if self.prune_score == "scaled" else None
+        # Every prune score gets the layer's scale when the optimizer has scales (a custom score may read it).
+        scales = self.optimizer.layer_scales() if isinstance(self.optimizer, ProvidesScales) else None
         previous = self.masks.grown_on_device()
         total_drop, grown_before, grown_pruned, active = 0, 0, 0, 0
         grown = []

@@ -129,7 +129,7 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
     optimizer = SparseOpt(
         optimizer, masks, precondition=method["precondition"], layers=method["precondition_layers"],
         max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay, scale_source=method["scale_source"],
-        scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
+        scale_kwargs=cfg.scale_kwargs, scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
     )
     updater = DST_METHODS[cfg.dst]
     kwargs = {**topology_options(cfg, updater, total_steps, method["prune_score"]), **cfg.dst_kwargs}

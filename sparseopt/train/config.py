@@ -39,7 +39,7 @@ ROLES = ("method", "run", "runtime")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 NORMALIZATIONS = ("dataset", "computed", "none")  # --normalize (sparseopt.train.data)
 # SparseOpt's options: they do nothing for an optimizer preset that does not precondition.
-PRECONDITIONER_KEYS = ("precondition_layers", "scale_source", "scale_ema", "undamped_growth")
+PRECONDITIONER_KEYS = ("precondition_layers", "scale_source", "scale_kwargs", "scale_ema", "undamped_growth")
 
 
 def option(default: Any = dataclasses.MISSING, help: str | Callable[[], str] = "", *, factory: Callable[[], Any] | None = None,
@@ -141,6 +141,9 @@ class TrainConfig:
         False, "scale weight decay with the gradient (an L2 term in the loss) instead of adding it after the scaling")
     scale_source: str = option(
         "auto", "SparseOpt's c_i from the following BatchNorm's running variance (bn_stats) or the fan-in (fan_in, the paper); auto: bn_stats for sparseopt, fan_in for sparseopt_paper", choices=names(SCALE_SOURCES, auto=True))
+    scale_kwargs: dict[str, Any] = option(
+        help="further keyword arguments of the scale source's class (YAML mapping; flag: key=value ...), checked against its signature",
+        factory=dict)
     scale_ema: float = option(
         0.0, "exponential moving average of c_i over steps (0: c_i jumps at each mask update, as the paper)")
     undamped_growth: bool = option(False, "connections grown at the last update get max(c_i, 1) instead of c_i")
@@ -265,7 +268,7 @@ class TrainConfig:
         preset = OPTIMIZER_PRESETS[self.optimizer]
         defaults = TrainConfig.__dataclass_fields__
         if not preset.precondition:
-            idle = [k for k in PRECONDITIONER_KEYS if getattr(self, k) not in (defaults[k].default, getattr(preset, k, None))]
+            idle = [k for k in PRECONDITIONER_KEYS if getattr(self, k) not in (_default(defaults[k]), getattr(preset, k, None))]
             if self.growth_grad != "original":
                 idle.append("growth_grad")
             if idle:
@@ -282,6 +285,9 @@ class TrainConfig:
                            reserved={k: f"set by {flag}" for k, flag in TOPOLOGY_FLAGS.items()})
         elif self.dst_kwargs:
             raise ValueError(f"dst=dense has no topology updater to take dst_kwargs {self.dst_kwargs!r}")
+        if self.scale_kwargs:
+            source = SCALE_SOURCES[self.scale_source if self.scale_source != "auto" else preset.scale_source]
+            check_keywords(source, self.scale_kwargs, f"scale source {source.__name__}")
         constructor = MODELS[self.model]
         check_keywords(constructor, self.model_kwargs, f"model {self.model!r}",
                        reserved={"num_classes": "set by the dataset or --num-classes", "in_shape": "set by the dataset",
@@ -298,6 +304,11 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _default(field: dataclasses.Field) -> Any:
+    """A field's default value, also for those made by a factory."""
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 

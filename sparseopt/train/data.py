@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from ..data import (
     subset,
 )
 from ..data.augment import AUGMENTS, Normalize, pixel_statistics
+from ..data.imagefolder import shared_image_size
 from ..messages import plural
 from .config import TrainConfig
 from .distributed import DistEnv
@@ -47,9 +48,29 @@ def default_workers(env: DistEnv) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // max(1, local_ranks) - 1))
 
 
+DEFAULT_IMAGE_SIZE = 224
+
+
+def with_folder_image_size(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """A folder dataset without ``--image-size`` trains at its images' own size when they share one below 224.
+
+    Upscaling 28-pixel characters to 224 built a 38.6M-weight MLP and ran ImageNet's augmentation on them
+    (85.5% where their own size gave 89.6%, issue 28). The size is resolved into the config, so config.yaml
+    records it and a resume sees the same.
+    """
+    if cfg.image_size is not None or cfg.dataset not in FOLDER_DATASETS or cfg.data_dir is None:
+        return cfg, []
+    shared = shared_image_size(cfg.data_dir)
+    if shared is None or max(shared) >= DEFAULT_IMAGE_SIZE:
+        return cfg, []
+    size = max(shared)
+    return replace(cfg, image_size=size), [f"{cfg.dataset}: the training images are {shared[0]}x{shared[1]}: trained at "
+                                           f"their own size, {size}px, not {DEFAULT_IMAGE_SIZE} (--image-size to change)"]
+
+
 def image_sizes(cfg: TrainConfig) -> tuple[int, int]:
     """(crop size, resize size) of a folder dataset: 224 / 256 unless given; the resize keeps ImageNet's 256/224."""
-    size = cfg.image_size or 224
+    size = cfg.image_size or DEFAULT_IMAGE_SIZE
     return size, cfg.resize_size or round(size * 256 / 224)
 
 

@@ -21,7 +21,7 @@ from . import records
 from .build import build_run, effective_delta_t, make_model
 from .checkpoints import restore, training_state
 from .config import TrainConfig
-from .data import make_loaders
+from .data import make_loaders, with_folder_image_size
 from .distributed import all_reduce_sum, check_replicas_consistent, cleanup
 from .evaluation import evaluate
 from .monitoring import RunMonitor
@@ -44,7 +44,7 @@ class Trainer:
     """Builds everything from a config and runs it; ``run()`` returns the results dict."""
 
     def __init__(self, cfg: TrainConfig, argv: list[str] | None = None, resume_command: str | None = None):
-        cfg = cfg.validate()
+        cfg, size_notes = with_folder_image_size(cfg.validate())  # before the run folder compares configs
         self.resume_command = resume_command  # what resumes the whole job this run is part of (a comparison)
         self.argv = list(argv) if argv is not None else list(sys.argv)  # recorded in env.json
         check_optional_loggers(cfg)
@@ -53,6 +53,7 @@ class Trainer:
         self.device, self.env = place(cfg)
         self.recorder = records.RunRecorder(self.out, self.env.is_main)
         self.cfg, self.notes = without_gpu_options(cfg, self.device)
+        self.notes += size_notes
         if not self.resuming and not cfg.overwrite and is_run_folder(self.out) and has_run_content(self.out):
             self.notes.insert(0, f"{self.out} holds a run that stopped before its first checkpoint: starting it from scratch")
         self.log = functools.partial(print, flush=True) if self.env.is_main else lambda msg: None  # rank 0 speaks
