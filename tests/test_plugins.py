@@ -271,7 +271,7 @@ def test_a_registered_scale_source_is_what_sparseopt_applies():
 
     class Half(ScaleSource):
         def scales(self, inputs, process_group=None):
-            return [0.5 * torch.ones_like(x.fan_in) for x in inputs]
+            return [0.5 * torch.ones_like(x.fan_in_scale) for x in inputs]
 
     SCALE_SOURCES.register("half", Half)
     try:

@@ -313,8 +313,8 @@ def test_every_kind_of_torch_optimizer_hook_runs_on_the_wrapper_and_on_its_pickl
     _backward(model)  # the first forward pass settles the layer detection and removes its hooks (picklable)
     for wrapper in (opt, pickle.loads(pickle.dumps(opt))):
         calls = []
-        wrapper.register_step_pre_hook(lambda o, args, kwargs: calls.append("step-pre"))
-        wrapper.register_step_post_hook(lambda o, args, kwargs: calls.append("step-post"))
+        wrapper.register_step_pre_hook(lambda o, args, kwargs, calls=calls: calls.append("step-pre"))
+        wrapper.register_step_post_hook(lambda o, args, kwargs, calls=calls: calls.append("step-post"))
         _backward(wrapper.masks.model)
         wrapper.step()
         assert calls == ["step-pre", "step-post"]
@@ -340,7 +340,7 @@ def test_scale_sources_take_options_and_a_registered_function_is_one_line():
             self.power = float(power)
 
         def scales(self, inputs, process_group=None):
-            return [x.fan_in.pow(2 * self.power) for x in inputs]  # fan_in is (n_i / n_avg) ** 0.5
+            return [x.fan_in_scale.pow(2 * self.power) for x in inputs]  # (n_i / n_avg) ** 0.5
 
     SCALE_SOURCES.register("test_power", PowerOfFanIn)
     SCALE_SOURCES.register("test_function", lambda inputs: inputs)
@@ -365,3 +365,11 @@ def test_scale_sources_take_options_and_a_registered_function_is_one_line():
     finally:
         SCALE_SOURCES.unregister("test_power")
         SCALE_SOURCES.unregister("test_function")
+
+
+def test_scale_input_fan_in_is_a_deprecated_name_of_fan_in_scale():
+    from sparseopt.optim.scales import ScaleInput
+
+    x = ScaleInput(layer=None, norm=None, fan_in_scale=torch.ones(3))
+    with pytest.warns(DeprecationWarning, match="renamed fan_in_scale"):
+        assert torch.equal(x.fan_in, x.fan_in_scale)

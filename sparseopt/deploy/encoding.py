@@ -132,11 +132,6 @@ def decode(entry: dict, shape: tuple[int, ...], dtype: torch.dtype | None = None
     return weight, mask
 
 
-def encoded_bytes(entry: dict) -> int:
-    """Bytes of the tensors of one entry (what it adds to the file)."""
-    return sum(_nbytes(t) for t in entry.values() if isinstance(t, torch.Tensor))
-
-
 # The dtypes a packed file may name (read back by name, never by an arbitrary attribute lookup).
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write, load_failure
-from ..masks.maskset import MaskSet
+from ..masks.maskset import MASK_SUFFIX, MaskSet
 from ..masks.structure import Structure
 from ..models import MODELS, build_model
 from ..plugins import load_plugins
@@ -98,7 +98,7 @@ def export_sparse(
         layers[layer.name] = {"shape": list(layer.mask.shape), "encoding": entry.pop("encoding")}
         tensors.update({f"masked/{layer.name}/{field}": t for field, t in entry.items()})
     unmasked = _unmasked_state(model, masks)
-    weights = {layer.buffer_path[: -len("_mask")] for layer in masks}  # stored encoded above
+    weights = {layer.weight_path for layer in masks}  # stored encoded above
     tensors.update({f"dense/{k}": v for k, v in unmasked.items() if k not in weights})
     blobs, table = pack(tensors)
     state = {
@@ -255,7 +255,7 @@ def load_sparse(
         except (KeyError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path} is damaged: layer {name!r}: {e}") from None
     full = {**state["dense"], **weights}
-    missing = sorted(k for k in target if k not in full and not k.endswith("_mask"))  # mask buffers: from positions
+    missing = sorted(k for k in target if k not in full and not k.endswith(MASK_SUFFIX))  # mask buffers: from positions
     extra = sorted(k for k in full if k not in target)
     if missing or extra:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")

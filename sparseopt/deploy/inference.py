@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..feeds import FeedWatcher
 from ..masks.maskset import MaskSet
 from ..native import build as native_build
 from ..timing import time_alternating
@@ -54,25 +55,15 @@ def fold_batchnorm(model: nn.Module, example_input: torch.Tensor) -> list[tuple[
     is the BatchNorm's input). Returns the folded ``(layer, norm)`` names.
     """
     model.eval()
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}
-    pairs: dict[str, str] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_hook(
-                lambda m, a, out, name=name: outputs.__setitem__(id(out), (name, out))))
-        elif isinstance(module, FOLDABLE_NORMS):
-            def check(m, args):
-                hit = outputs.get(id(args[0])) if args else None
-                if hit is not None and hit[1] is args[0]:
-                    pairs.setdefault(names[id(m)], hit[0])
-            handles.append(module.register_forward_pre_hook(check))
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    watcher = FeedWatcher(model, layers, FOLDABLE_NORMS)  # the same rule SparseOpt uses to find its layers
     try:
         model(example_input)
     finally:
-        for h in handles:
-            h.remove()
+        watcher.close()
+    pairs: dict[str, str] = {}
+    for feed in watcher.feeds:  # per norm, the first layer that fed it
+        pairs.setdefault(feed.norm, feed.layer)
     used = {}
     for norm_name, layer_name in pairs.items():
         if layer_name in used:  # one layer feeding two norms: fold neither a second time

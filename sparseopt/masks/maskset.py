@@ -23,7 +23,8 @@ from .structure import Structure, check_structure
 
 logger = logging.getLogger("sparseopt")
 
-MASK_BUFFER = "weight_mask"
+MASK_SUFFIX = "_mask"  # the mask of parameter <p> is the buffer <p>_mask of the same module
+MASK_BUFFER = "weight" + MASK_SUFFIX
 SPARSIFIABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Attention projections that are parameters of nn.MultiheadAttention itself (its out_proj is a Linear).
 ATTENTION_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -49,13 +50,18 @@ class MaskedLayer:
 
     @property
     def buffer(self) -> str:
-        return f"{self.param}_mask"
+        return f"{self.param}{MASK_SUFFIX}"
+
+    @property
+    def weight_path(self) -> str:
+        """The weight's key in ``model.state_dict()``."""
+        module_name = self.name if self.param == "weight" else self.name.rsplit(".", 1)[0]
+        return f"{module_name}.{self.param}" if module_name else self.param
 
     @property
     def buffer_path(self) -> str:
         """The mask's key in ``model.state_dict()``."""
-        module_name = self.name if self.param == "weight" else self.name.rsplit(".", 1)[0]
-        return f"{module_name}.{self.buffer}" if module_name else self.buffer
+        return self.weight_path + MASK_SUFFIX
 
     @property
     def mask(self) -> torch.Tensor:

@@ -35,25 +35,30 @@ FEATURE_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, *((nn.RMSNorm,) if h
 NORM_TYPES: tuple[type[nn.Module], ...] = (*PER_CHANNEL_NORMS, nn.GroupNorm, *FEATURE_NORMS)
 
 
-def channel_dim(layer: nn.Module, output: torch.Tensor) -> int:
-    """The (non-negative) dimension of ``output`` that holds the layer's output neurons.
+def _shape(output: torch.Tensor | torch.Size) -> torch.Size:
+    return output.shape if isinstance(output, torch.Tensor) else torch.Size(output)
+
+
+def channel_dim(layer: nn.Module, output: torch.Tensor | torch.Size) -> int:
+    """The (non-negative) dimension of ``output`` (a tensor or its shape) that holds the layer's output neurons.
 
     Convolutions put channels at dim 1 (``N, C, ...``); a Linear layer at the last dim (``..., C``).
     """
-    return 1 if isinstance(layer, nn.modules.conv._ConvNd) else output.dim() - 1
+    return 1 if isinstance(layer, nn.modules.conv._ConvNd) else len(_shape(output)) - 1
 
 
-def norm_group_size(norm: nn.Module, layer: nn.Module, output: torch.Tensor) -> int:
+def norm_group_size(norm: nn.Module, layer: nn.Module, output: torch.Tensor | torch.Size) -> int:
     """How many consecutive output neurons of ``layer`` share one statistic of ``norm`` (see the module doc)."""
-    dim = channel_dim(layer, output)
-    channels = output.shape[dim]
+    shape = _shape(output)
+    dim = channel_dim(layer, shape)
+    channels = shape[dim]
     if isinstance(norm, PER_CHANNEL_NORMS):
         return 1
     if isinstance(norm, nn.GroupNorm):
         return channels // norm.num_groups
     if isinstance(norm, FEATURE_NORMS):
         covered = len(norm.normalized_shape)  # the last `covered` dims are normalised together
-        return channels if dim >= output.dim() - covered else 1
+        return channels if dim >= len(shape) - covered else 1
     raise TypeError(f"{type(norm).__name__} is not a normalization layer sparseopt knows; known: "
                     f"{[t.__name__ for t in NORM_TYPES]}")
 

@@ -9,12 +9,13 @@ new one is a subclass registered by name, usable as
     @SCALE_SOURCES.register("fan_in_quarter")
     class QuarterPower(ScaleSource):
         def scales(self, inputs, process_group=None):
-            return [x.fan_in.sqrt() for x in inputs]      # (n_i / n_avg) ** 0.25
+            return [x.fan_in_scale.sqrt() for x in inputs]      # (n_i / n_avg) ** 0.25
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,14 @@ class ScaleInput:
 
     layer: MaskedLayer
     norm: nn.Module | None  # the normalization its output feeds (None when unknown or none)
-    fan_in: torch.Tensor    # the fan-in scale sqrt(n_i / n_avg), per group behind a GroupNorm (sparseopt.optim.norms)
+    fan_in_scale: torch.Tensor  # the paper's scale sqrt(n_i / n_avg), per group behind a GroupNorm (sparseopt.optim.norms)
+
+    @property
+    def fan_in(self) -> torch.Tensor:
+        """Deprecated name of :attr:`fan_in_scale` (it is the scale, not the count that sparseopt.fan_in returns)."""
+        warnings.warn("ScaleInput.fan_in is renamed fan_in_scale (it holds sqrt(n_i / n_avg), not the fan-in count)",
+                      DeprecationWarning, stacklevel=2)
+        return self.fan_in_scale
 
 
 class ScaleSource:
@@ -62,7 +70,7 @@ class FanInScale(ScaleSource):
     name = "fan_in"
 
     def scales(self, inputs: list[ScaleInput], process_group=None) -> list[torch.Tensor]:
-        return [x.fan_in for x in inputs]
+        return [x.fan_in_scale for x in inputs]
 
 
 def _running_var(x: ScaleInput) -> torch.Tensor | None:
@@ -84,7 +92,7 @@ class BNStatsScale(ScaleSource):
     def scales(self, inputs: list[ScaleInput], process_group=None) -> list[torch.Tensor]:
         with_stats = [i for i, x in enumerate(inputs) if _running_var(x) is not None]
         averaged = dict(zip(with_stats, mean_over_ranks([_running_var(inputs[i]) for i in with_stats], process_group)))
-        return [bn_scales(averaged[i], x.layer.mask) if i in averaged else x.fan_in for i, x in enumerate(inputs)]
+        return [bn_scales(averaged[i], x.layer.mask) if i in averaged else x.fan_in_scale for i, x in enumerate(inputs)]
 
     def check(self, inputs: list[ScaleInput]) -> None:
         no_stats = [x.layer.name for x in inputs if _running_var(x) is None]

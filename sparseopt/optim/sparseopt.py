@@ -3,8 +3,11 @@
 One step (``precondition=True``):
 
 1. ``g_W[i] *= c_i * m`` for every masked weight ``W`` (rows / output channels
-   ``i``, ``c_i = sqrt(n_i / n_avg)``, ``m`` the mask): undoes BatchNorm's
-   ``1/sqrt(1 - s_i)`` amplification and masks the gradient in one multiply;
+   ``i``, ``m`` the mask): undoes BatchNorm's ``1/sqrt(1 - s_i)`` amplification
+   and masks the gradient in one multiply. ``c_i`` comes from a scale source
+   (:mod:`sparseopt.optim.scales`): by default ``bn_stats``, ``sigma_i / rms(sigma)``
+   from the running variance of the BatchNorm the layer feeds; the paper's
+   ``fan_in``, ``sqrt(n_i / n_avg)``, with ``scale_source="fan_in"``;
 2. optionally clip the global gradient norm to ``max_grad_norm`` (the paper's
    direction-only ablation, appendix F);
 3. the base optimizer's step (SGD with momentum in the paper, or any other);
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..feeds import FeedWatcher
 from ..masks.maskset import MaskSet
 from .clip import clip_grad_norm_of
 from .norms import NORM_TYPES, channel_dim, norm_group_size, removes_skew
@@ -39,12 +43,12 @@ _NONE: list[str] = []  # the baseline's (empty) selection, one object so the cac
 class NormalizedLayerFinder:
     """Finds the masked layers whose output feeds a normalization layer that skews their gradients.
 
-    Watches the model's first forward pass: a masked layer feeds a norm when
-    the very tensor it returns is the input of a BatchNorm / InstanceNorm /
-    GroupNorm / LayerNorm / RMSNorm module. ``found`` lists those whose norm
-    has a skew between neurons to cancel (:mod:`sparseopt.optim.norms`: not a
-    LayerNorm over the features); ``group_sizes`` says how many neurons share
-    one statistic. Works for any model, without tracing.
+    Watches the model's first forward pass (:class:`sparseopt.feeds.FeedWatcher`): a masked
+    layer feeds a norm when the very tensor it returns is the input of a BatchNorm /
+    InstanceNorm / GroupNorm / LayerNorm / RMSNorm module. ``found`` lists those whose norm
+    has a skew between neurons to cancel (:mod:`sparseopt.optim.norms`: not a LayerNorm over
+    the features); ``group_sizes`` says how many neurons share one statistic. Works for any
+    model, without tracing.
     """
 
     def __init__(self, model: nn.Module, masks: MaskSet):
@@ -52,34 +56,19 @@ class NormalizedLayerFinder:
         self.norms: dict[str, nn.Module] = {}  # masked layer -> the normalization module it feeds
         self.group_sizes: dict[str, int] = {}  # masked layer -> neurons per statistic of that norm
         self._layers = {layer.name: layer.module for layer in masks}
-        self._outputs: dict[int, tuple[str, torch.Tensor]] = {}
-        self._feeds: set[str] = set()
-        self._handles = []
-        for layer in masks:
-            self._handles.append(layer.module.register_forward_hook(self._record(layer.name)))
-        for module in model.modules():
-            if isinstance(module, NORM_TYPES):
-                self._handles.append(module.register_forward_pre_hook(self._check))
-        self._handles.append(model.register_forward_hook(self._finish))
         self._order = masks.names
+        self._watcher: FeedWatcher | None = FeedWatcher(model, self._layers, NORM_TYPES)
+        self._done = model.register_forward_hook(self._finish)
 
-    def _record(self, name: str):
-        def hook(module, args, output):
-            self._outputs[id(output)] = (name, output)
-        return hook
-
-    def _check(self, module, args):
-        if args and isinstance(args[0], torch.Tensor):
-            hit = self._outputs.get(id(args[0]))
-            if hit is not None and hit[1] is args[0] and hit[0] not in self.norms:
-                name, layer, out = hit[0], self._layers[hit[0]], args[0]
-                self.norms[name] = module
-                self.group_sizes[name] = norm_group_size(module, layer, out)
-                if removes_skew(self.group_sizes[name], out.shape[channel_dim(layer, out)]):
-                    self._feeds.add(name)
-
-    def _finish(self, module=None, args=None, output=None):
-        self.found = [n for n in self._order if n in self._feeds]
+    def _finish(self, *_) -> None:
+        skewed = set()
+        for name, feed in self._watcher.first_norms().items():
+            layer = self._layers[name]
+            self.norms[name] = feed.module
+            self.group_sizes[name] = norm_group_size(feed.module, layer, feed.shape)
+            if removes_skew(self.group_sizes[name], feed.shape[channel_dim(layer, feed.shape)]):
+                skewed.add(name)
+        self.found = [n for n in self._order if n in skewed]
         self.close()
 
     def conclude(self) -> bool:
@@ -88,16 +77,17 @@ class NormalizedLayerFinder:
         The model's own forward hook settles it after the first full pass; a framework whose step calls
         submodules, not the model (a LightningModule's ``training_step``), settles it here, at the first step.
         """
-        if self.found is None and self._outputs:
+        if self.found is None and self._watcher is not None and self._watcher.seen:
             self._finish()
         return self.found is not None
 
     def close(self) -> None:
         """Remove the hooks (after the first forward pass, or when the answer is known)."""
-        self._outputs.clear()
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._watcher is not None:
+            self._watcher.close()
+        if self._done is not None:
+            self._done.remove()
+            self._done = None
 
 
 class DetectedLayers:

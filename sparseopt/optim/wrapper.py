@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+
 class OptimizerWrapper(Optimizer):
     """An optimizer around ``base``; subclasses implement :meth:`step` and their own state."""
 
