@@ -192,7 +192,7 @@ def test_dense_and_static_and_set_runs(tmp_path):
 
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "sparseopt", "train", "--help"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0 and "--sparsity" in out.stdout and "--growth-grad" in out.stdout
+    assert out.returncode == 0 and "--sparsity" in out.stdout and "--growth-gradient" in out.stdout and "--growth-grad " in out.stdout
 
 
 def test_optional_logger_missing_is_a_clear_error(tmp_path, capsys, monkeypatch):

@@ -158,10 +158,10 @@ def test_cli_flags_reach_the_objects(tmp_path):
 
     out = tmp_path / "run"
     args = ["train", "--epochs", "1", "--quiet", "--no-compare-optimizers", "--train-subset", "512", "--ham",
-            "--ham-alpha", "50", "--ham-beta", "0.01", "--renorm", "0.5", "--growth-grad", "corrected", "--out", str(out)]
+            "--ham-alpha", "50", "--ham-beta", "0.01", "--max-grad-norm", "0.5", "--growth-gradient", "corrected", "--out", str(out)]
     assert main(args) == 0
     cfg = make_config(out / "config.yaml")
-    assert (cfg.ham, cfg.ham_alpha, cfg.ham_beta, cfg.renorm, cfg.growth_grad) == (True, 50.0, 0.01, 0.5, "corrected")
+    assert (cfg.ham, cfg.ham_alpha, cfg.ham_beta, cfg.max_grad_norm, cfg.growth_gradient) == (True, 50.0, 0.01, 0.5, "corrected")
     run = build_run(cfg, make_model(cfg), total_steps=100, peak_lr=cfg.lr)
     assert isinstance(run.optimizer, sparseopt.SparseOpt) and run.optimizer.max_grad_norm == 0.5
     assert isinstance(run.optimizer.base, sparseopt.HAM) and run.optimizer.base.alpha == 50.0 and run.optimizer.base.beta == 0.01
@@ -169,8 +169,8 @@ def test_cli_flags_reach_the_objects(tmp_path):
     import json
 
     method = json.loads((out / "results.json").read_text())["method"]
-    assert {k: method[k] for k in ("dst", "optimizer", "ham", "renorm", "growth_grad", "sparsity", "epochs", "seed")} == {
-        "dst": "rigl", "optimizer": "sparseopt", "ham": True, "renorm": 0.5, "growth_grad": "corrected",
+    assert {k: method[k] for k in ("dst", "optimizer", "ham", "max_grad_norm", "growth_gradient", "sparsity", "epochs", "seed")} == {
+        "dst": "rigl", "optimizer": "sparseopt", "ham": True, "max_grad_norm": 0.5, "growth_gradient": "corrected",
         "sparsity": 0.95, "epochs": 1, "seed": 0}
     assert run_name(cfg) == "bundled_mnist-mlp-rigl-sparseopt-s0.95-ham-renorm0.5-grow-corrected-e1-seed0"
 

@@ -1,6 +1,7 @@
 """One place for each decision (issue 19): config metadata, presets, naming, grouping, clipping, the norm finder."""
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_choices_come_from_the_modules_that_define_them():
 
     choices = field_choices()
     assert choices["init"] == list(INITS) and choices["shortcut"] == list(SHORTCUTS)
-    assert choices["growth_grad"] == list(GROWTH_GRADIENTS) and choices["precondition_layers"] == ["auto", *LAYER_CHOICES]
+    assert choices["growth_gradient"] == list(GROWTH_GRADIENTS) and choices["precondition_layers"] == ["auto", *LAYER_CHOICES]
     assert choices["optimizer"] == OPTIMIZER_PRESETS.names()
 
 
@@ -70,7 +71,7 @@ def test_presets_resolve_auto_once():
     ({"optimizer": "sgd", "scale_source": "bn_stats"}, "optimizer=sgd does not precondition, so scale_source='bn_stats'"),
     ({"optimizer": "sgd", "scale_ema": 0.9, "undamped_growth": True}, "scale_ema=0.9, undamped_growth=True would do nothing"),
     ({"optimizer": "sgd", "precondition_layers": "all"}, "precondition_layers='all' would do nothing"),
-    ({"dst": "set", "growth_grad": "corrected"}, "dst=set does not grow by a gradient"),
+    ({"dst": "set", "growth_gradient": "corrected"}, "dst=set does not grow by a gradient"),
     ({"dst": "dense", "optimizer": "sparseopt"}, "dst=dense has no masks to precondition"),
 ])
 def test_options_a_method_would_ignore_are_refused(overrides, message):
@@ -90,7 +91,7 @@ def test_dense_runs_with_the_default_optimizer(tmp_path):
 
 
 def test_dense_gradient_clipping_is_the_optimizers_not_the_loops():
-    cfg = make_config(None, {"dst": "dense", "renorm": 0.01, "weight_decay": 0.0, "momentum": 0.0}).validate()
+    cfg = make_config(None, {"dst": "dense", "max_grad_norm": 0.01, "weight_decay": 0.0, "momentum": 0.0}).validate()
     model = sparseopt.models.MLP(hidden=[16], in_features=10, num_classes=3)
     run = build_run(cfg, model, total_steps=10, peak_lr=1.0)
     assert isinstance(run.optimizer, ClipGradNorm)
@@ -171,3 +172,36 @@ def test_the_training_loop_module_reads_in_150_lines():
     from sparseopt.train.trainer import Trainer
 
     assert len(inspect.getsource(Trainer).splitlines()) <= 150
+
+
+def test_renamed_keys_still_work_in_configs_flags_sweeps_and_old_run_folders(tmp_path, caplog):
+    """renorm is max_grad_norm and growth_grad is growth_gradient now (issue 28); the old names keep working."""
+    import logging
+
+    import yaml
+
+    from sparseopt.train.config import with_defaults
+
+    (tmp_path / "old.yaml").write_text("renorm: 0.5\ngrowth_grad: corrected\n")
+    with caplog.at_level(logging.WARNING, logger="sparseopt"):
+        cfg = make_config(tmp_path / "old.yaml")
+    assert (cfg.max_grad_norm, cfg.growth_gradient) == (0.5, "corrected")
+    assert sum("is renamed" in r.getMessage() for r in caplog.records) == 2
+    with pytest.raises(ValueError, match="sets both 'renorm' and its new name 'max_grad_norm'"):
+        make_config(None, {"renorm": 1.0, "max_grad_norm": 1.0})
+    assert with_defaults({"renorm": 0.25})["max_grad_norm"] == 0.25 and "renorm" not in with_defaults({})
+    caplog.clear()
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="sparseopt"):
+        assert main(["train", *QUICK, "--renorm", "2.0", "--out", str(out)]) == 0
+    assert "--renorm is renamed --max-grad-norm" in caplog.text
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_grad_norm"] == 2.0 and "renorm" not in saved
+    # a run folder of an earlier version, with the old key in config.yaml, resumes as the same run
+    saved["renorm"] = saved.pop("max_grad_norm")
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["train", *QUICK, "--max-grad-norm", "2.0", "--out", str(out), "--resume"]) == 0
+    assert main(["train", *QUICK, "--max-grad-norm", "3.0", "--out", str(out), "--resume"]) == 2  # another run
+    (tmp_path / "sweep.yaml").write_text("fixed: {epochs: 1}\ngrid: {renorm: [0.5]}\n")
+    (run,) = grid.expand(grid.load_sweep(tmp_path / "sweep.yaml"), tmp_path / "sweep")
+    assert run.config.max_grad_norm == 0.5 and Path(run.config.out).name.endswith("renorm0.5-e1-seed0")

@@ -128,16 +128,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def method_label(optimizer: str, ham: bool, renorm, growth_grad: str, extras: dict[str, Any] | None = None) -> str:
+def method_label(optimizer: str, ham: bool, max_grad_norm, growth_gradient: str, extras: dict[str, Any] | None = None) -> str:
     preset = OPTIMIZER_PRESETS.get(optimizer)
     label = preset.label if preset is not None else str(optimizer)
     parts = [preset.note] if preset is not None and preset.note else []
     if ham:
         parts.append("w/ HAM")
-    if renorm is not None:
-        parts.append(f"renorm {renorm:g}")
-    if growth_grad != "original":
-        parts.append(f"{growth_grad} growth")
+    if max_grad_norm is not None:
+        parts.append(f"renorm {max_grad_norm:g}")
+    if growth_gradient != "original":
+        parts.append(f"{growth_gradient} growth")
     parts += [f"{k}={v}" for k, v in (extras or {}).items()]
     return f"{label} ({', '.join(parts)})" if parts else label
 
@@ -158,7 +158,7 @@ def differing_keys(keys: list[tuple]) -> dict[tuple, dict[str, Any]]:
     defaults = TrainConfig().to_dict()
     configs = {key: dict(key) for key in keys}
     varying = sorted({k for c in configs.values() for k in c
-                      if k not in LABELLED_KEYS and k not in ("ham", "renorm", "growth_grad")
+                      if k not in LABELLED_KEYS and k not in ("ham", "max_grad_norm", "growth_gradient")
                       and len({_hashable(other.get(k)) for other in configs.values()}) > 1})
     short = {key: {k: c.get(k) for k in varying if _hashable(c.get(k)) != _hashable(defaults.get(k))} for key, c in configs.items()}
     labels = [tuple(sorted(v.items())) + tuple((k, dict(key)[k]) for k in sorted(LABELLED_KEYS) if k in dict(key))
@@ -222,7 +222,7 @@ def method_groups(records: list[RunRecord]) -> list[tuple[tuple, list[RunRecord]
     out = []
     for key, runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         f = dict(key)
-        label = method_label(f.get("optimizer"), f.get("ham"), f.get("renorm"), f.get("growth_grad", "original"), extras[key])
+        label = method_label(f.get("optimizer"), f.get("ham"), f.get("max_grad_norm"), f.get("growth_gradient", "original"), extras[key])
         out.append((key, runs, label, extras[key]))
     return out
 
@@ -235,7 +235,7 @@ def aggregate(records: list[RunRecord]) -> list[dict[str, Any]]:
         acc_mean, acc_std = mean_std([r.results["final"]["test_acc"] for r in runs])
         itops = [r.results["final"]["itop"] for r in runs if "itop" in r.results.get("final", {})]
         seeds = sorted(r.config.get("seed") for r in runs)
-        paper_setting = fields["renorm"] is None and fields["growth_grad"] == "original" and not extras
+        paper_setting = fields["max_grad_norm"] is None and fields["growth_gradient"] == "original" and not extras
         paper = PAPER.get((fields["dataset"], fields["model"], fields["dst"], fields["sparsity"], fields["optimizer"],
                            bool(fields["ham"])), {}) if paper_setting else {}
         rows.append({

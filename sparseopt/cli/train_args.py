@@ -7,6 +7,7 @@ booleans also get ``--no-name``. Values are type-checked by ``coerce``.
 from __future__ import annotations
 
 import argparse
+import logging
 import typing
 from dataclasses import fields
 from importlib import resources
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from ..train.config import (
     FIELDS,
+    RENAMED_KEYS,
     TrainConfig,
     _base_type,
     _field_type,
@@ -22,6 +24,8 @@ from ..train.config import (
     make_config,
     unknown_key_message,
 )
+
+logger = logging.getLogger("sparseopt")
 
 
 def default_config_path() -> Path:
@@ -34,6 +38,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     docs, choices, defaults = field_docs(), field_choices(), TrainConfig().to_dict()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        aliases = [f"--{old.replace('_', '-')}" for old, new in RENAMED_KEYS.items() if new == f.name]
         tp, optional = _base_type(_field_type(f.name))
         text = docs.get(f.name, "")
         if f.name in choices:
@@ -42,12 +47,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
         text = text.replace("%", "%%").strip()
         if tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            group.add_argument(flag, *aliases, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=text)
         elif typing.get_origin(tp) is list:
-            group.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="N", help=text)
+            group.add_argument(flag, *aliases, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="N", help=text)
         else:
             metavar = {int: "INT", float: "FLOAT"}.get(tp, "NAME" if f.name in choices else "VALUE")
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=text,
+            group.add_argument(flag, *aliases, dest=f.name, default=argparse.SUPPRESS, help=text,
                                metavar=f"{metavar}|none" if optional else metavar)
 
 
@@ -55,6 +61,10 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: list[str]) -> TrainC
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ValueError(unknown_key_message(unknown[0], flag=True))
+    for old, new in RENAMED_KEYS.items():
+        old_flag = f"--{old.replace('_', '-')}"
+        if any(a == old_flag or a.startswith(old_flag + "=") for a in argv):
+            logger.warning("%s is renamed --%s (the old flag still works)", old_flag, new.replace("_", "-"))
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
     if args.config is None and "compare_optimizers" not in overrides:
         named = [k for k in OWN_JOB_KEYS if k in overrides]

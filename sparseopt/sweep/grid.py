@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from ..plugins import load_plugins
-from ..train.config import FIELDS, TrainConfig, coerce, load_yaml, make_config, unknown_key_message
+from ..train.config import (
+    FIELDS,
+    TrainConfig,
+    coerce,
+    current_keys,
+    load_yaml,
+    make_config,
+    unknown_key_message,
+)
 from ..train.naming import NAMED_KEYS, run_name
 
 SWEEP_KEYS = {"name", "base_config", "fixed", "grid", "variants", "seeds", "slurm", "nproc_per_run", "out"}
@@ -67,24 +75,27 @@ def load_sweep(path: str | Path) -> SweepSpec:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
             raise ValueError(f"sweep file {path}: base_config {base_path} not found")
-    grid = data.get("grid") or {}
+    where = f"sweep file {path}"
+    grid = current_keys(data.get("grid") or {}, where)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"sweep file {path}: grid key {key!r} needs a non-empty list, got {values!r}")
     variants = data.get("variants") or [{}]
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise ValueError(f"sweep file {path}: variants must be a list of mappings")
+    variants = [current_keys(v, where) for v in variants]
+    fixed = current_keys(data.get("fixed") or {}, where)
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds:
         raise ValueError(f"sweep file {path}: seeds must be a non-empty list")
     for v in variants:
         if "seeds" in v and (not isinstance(v["seeds"], list) or not v["seeds"]):
             raise ValueError(f"sweep file {path}: a variant's seeds must be a non-empty list, got {v['seeds']!r}")
-    for key in [*grid, *(k for v in variants for k in v if k != "seeds"), *(data.get("fixed") or {})]:
+    for key in [*grid, *(k for v in variants for k in v if k != "seeds"), *fixed]:
         if key not in FIELDS:
             raise ValueError(f"sweep file {path}: {unknown_key_message(key)}")
     return SweepSpec(
-        name=data.get("name", path.stem), base_config=base_path, fixed=data.get("fixed") or {}, grid=grid,
+        name=data.get("name", path.stem), base_config=base_path, fixed=fixed, grid=grid,
         variants=variants, seeds=[int(s) for s in seeds], slurm=data.get("slurm") or {},
         nproc_per_run=int(data.get("nproc_per_run", 1)), out=data.get("out"),
     )

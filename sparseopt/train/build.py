@@ -116,8 +116,8 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
     if cfg.ham:
         optimizer = HAM(optimizer, alpha=cfg.ham_alpha, beta=cfg.ham_beta)
     if cfg.dst == "dense":
-        if cfg.renorm is not None:
-            optimizer = ClipGradNorm(optimizer, cfg.renorm)
+        if cfg.max_grad_norm is not None:
+            optimizer = ClipGradNorm(optimizer, cfg.max_grad_norm)
         return RunObjects(model, None, optimizer, None)
 
     masks = sparsify(
@@ -128,7 +128,7 @@ def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: flo
     method = resolve_method(cfg)
     optimizer = SparseOpt(
         optimizer, masks, precondition=method["precondition"], layers=method["precondition_layers"],
-        max_grad_norm=cfg.renorm, scale_weight_decay=cfg.scale_weight_decay, scale_source=method["scale_source"],
+        max_grad_norm=cfg.max_grad_norm, scale_weight_decay=cfg.scale_weight_decay, scale_source=method["scale_source"],
         scale_kwargs=cfg.scale_kwargs, scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
     )
     updater = DST_METHODS[cfg.dst]
@@ -149,7 +149,7 @@ def topology_options(cfg: TrainConfig, updater: type, total_steps: int, prune_sc
         delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
         total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
         skip_update=cfg.skip_update, prune_score=prune_score, seed=cfg.seed,
-        growth_gradient=cfg.growth_grad, neuron_ablation=cfg.neuron_ablation,
+        growth_gradient=cfg.growth_gradient, neuron_ablation=cfg.neuron_ablation,
     )
     return {k: v for k, v in options.items() if takes_keyword(updater, k)}
 
@@ -158,5 +158,5 @@ def topology_options(cfg: TrainConfig, updater: type, total_steps: int, prune_sc
 TOPOLOGY_FLAGS = {"delta_t": "--delta-t", "alpha": "--alpha", "t_end": "--t-end-fraction", "total_steps": "--epochs",
                   "keep_regrown": "--keep-regrown", "reset_optimizer_state": "--reset-optimizer-state",
                   "skip_update": "--skip-update", "prune_score": "--prune-score", "seed": "--seed",
-                  "growth_gradient": "--growth-grad", "neuron_ablation": "--neuron-ablation",
+                  "growth_gradient": "--growth-gradient", "neuron_ablation": "--neuron-ablation",
                   "masks": "built by sparseopt", "optimizer": "built by sparseopt"}

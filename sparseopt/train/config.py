@@ -8,6 +8,7 @@ optional values accept ``none``). Unknown keys are errors that list the valid on
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -34,7 +35,12 @@ from ..topology.scores import PRUNE_SCORES
 from ..topology.updaters import DST_METHODS, GROWTH_GRADIENTS
 from ..training_kernels import KERNEL_MODES
 
+logger = logging.getLogger("sparseopt")
+
 ROLES = ("method", "run", "runtime")
+# Keys renamed since earlier versions: old name -> new name. The old names still work in configs, sweep files
+# and flags (with a warning), and run folders written with them load, resume and report as before.
+RENAMED_KEYS = {"renorm": "max_grad_norm", "growth_grad": "growth_gradient"}
 # torch.compile's modes (torch.compile(mode=...)).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 NORMALIZATIONS = ("dataset", "computed", "none")  # --normalize (sparseopt.train.data)
@@ -125,7 +131,7 @@ class TrainConfig:
         None, "batch size at which delta_t is given; delta_t is rescaled by delta_t_batch / batch_size (ImageNet recipe)")
     alpha: float = option(0.3, "initial drop fraction of the cosine schedule")
     t_end_fraction: float = option(0.75, "topology updates stop after this fraction of the training steps")
-    growth_grad: str = option(
+    growth_gradient: str = option(
         "original", "RigL growth from the original (raw) or the SparseOpt-corrected gradient", choices=names(GROWTH_GRADIENTS))
     keep_regrown: bool = option(
         True, "a connection dropped and regrown in the same update keeps its value and optimizer state")
@@ -147,7 +153,9 @@ class TrainConfig:
     scale_ema: float = option(
         0.0, "exponential moving average of c_i over steps (0: c_i jumps at each mask update, as the paper)")
     undamped_growth: bool = option(False, "connections grown at the last update get max(c_i, 1) instead of c_i")
-    renorm: float | None = option(None, "clip the global gradient norm to this value after the correction (appendix F)")
+    max_grad_norm: float | None = option(
+        None, "clip the global gradient norm to this value after SparseOpt's correction (gradient clipping; the paper's "
+        "appendix F ablation; formerly renorm)")
     ham: bool = option(False, "wrap the optimizer in Hyperbolic Aware Minimization")
     ham_alpha: float = option(200.0, "HAM alpha")
     ham_beta: float = option(1e-3, "HAM beta (1e-3 ImageNet; 16e-3 CIFAR-100, reported, unverified)")
@@ -220,8 +228,8 @@ class TrainConfig:
             raise ValueError(f"t_end_fraction must be in (0, 1], got {self.t_end_fraction!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.renorm is not None and not self.renorm > 0:
-            raise ValueError(f"renorm must be > 0 or none, got {self.renorm!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or none, got {self.max_grad_norm!r}")
         if self.device != "auto":
             import torch
 
@@ -269,8 +277,8 @@ class TrainConfig:
         defaults = TrainConfig.__dataclass_fields__
         if not preset.precondition:
             idle = [k for k in PRECONDITIONER_KEYS if getattr(self, k) not in (_default(defaults[k]), getattr(preset, k, None))]
-            if self.growth_grad != "original":
-                idle.append("growth_grad")
+            if self.growth_gradient != "original":
+                idle.append("growth_gradient")
             if idle:
                 settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in idle)
                 raise ValueError(f"optimizer={self.optimizer} does not precondition, so {settings} would do nothing "
@@ -278,9 +286,9 @@ class TrainConfig:
                                  "--optimizer sparseopt")
         if self.dst != "dense":
             updater = DST_METHODS[self.dst]
-            if self.growth_grad != "original" and not takes_keyword(updater, "growth_gradient"):
-                raise ValueError(f"growth_grad={self.growth_grad!r} chooses the gradient RigL grows by; dst={self.dst} "
-                                 "does not grow by a gradient: leave --growth-grad at original")
+            if self.growth_gradient != "original" and not takes_keyword(updater, "growth_gradient"):
+                raise ValueError(f"growth_gradient={self.growth_gradient!r} chooses the gradient RigL grows by; "
+                                 f"dst={self.dst} does not grow by a gradient: leave --growth-gradient at original")
             check_keywords(updater, self.dst_kwargs, f"dst {self.dst!r} ({updater.__name__})",
                            reserved={k: f"set by {flag}" for k, flag in TOPOLOGY_FLAGS.items()})
         elif self.dst_kwargs:
@@ -345,7 +353,27 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any], resolved: dic
 
 def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A recorded config with every key it lacks (written before the key existed) at what it meant then."""
-    return {**TrainConfig().to_dict(), **LEGACY_DEFAULTS, **saved}
+    return {**TrainConfig().to_dict(), **LEGACY_DEFAULTS, **current_keys(saved)}
+
+
+def current_keys(values: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """``values`` with renamed keys (:data:`RENAMED_KEYS`) under their new names.
+
+    ``source``: where the values come from, for a warning per old name (None: a record written by an
+    earlier version, read silently). Both names of one key in the same place is an error.
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        new = RENAMED_KEYS.get(key)
+        if new is not None:
+            if new in values or new.replace("_", "-") in values:
+                raise ValueError(f"{source or 'the config'} sets both {key!r} and its new name {new!r}; keep {new!r}")
+            if source is not None:
+                logger.warning("%s: config key %r is renamed %r (the old name still works)", source, key, new)
+            key = new
+        out[key] = value
+    return out
 
 
 def field_choices() -> dict[str, list[str]]:
@@ -466,9 +494,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def make_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults <- ``base`` <- YAML ``file`` <- ``overrides``; every value type-checked."""
     values: dict[str, Any] = {}
-    for source in (base or {}, load_yaml(file) if file else {}, overrides or {}):
-        for key, value in source.items():
-            key = key.replace("-", "_")
+    sources = ((base or {}, None), (load_yaml(file) if file else {}, f"config file {file}"), (overrides or {}, "the given options"))
+    for source, where in sources:
+        for key, value in current_keys(source, where if source else None).items():
             values[key] = coerce(key, value)
     # Dense training has nothing to precondition: there the optimizer defaults to the baseline's.
     if values.get("dst") == "dense" and "optimizer" not in values:

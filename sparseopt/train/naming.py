@@ -25,8 +25,9 @@ NAME_PARTS: tuple[tuple[str, Callable[[TrainConfig], str | None]], ...] = (
     ("nm", _sparse(lambda c: f"nm{c.nm.replace(':', '-')}" if c.nm else None)),
     ("neuron_ablation", _sparse(lambda c: None if c.neuron_ablation is None else f"ablate{c.neuron_ablation:g}")),
     ("ham", lambda c: "ham" if c.ham else None),
-    ("renorm", lambda c: None if c.renorm is None else f"renorm{c.renorm:g}"),
-    ("growth_grad", lambda c: None if c.growth_grad == "original" else f"grow-{c.growth_grad}"),
+    # Written as in earlier versions (formerly the keys renorm and growth_grad), so their run folders keep their names.
+    ("max_grad_norm", lambda c: None if c.max_grad_norm is None else f"renorm{c.max_grad_norm:g}"),
+    ("growth_gradient", lambda c: None if c.growth_gradient == "original" else f"grow-{c.growth_gradient}"),
     ("epochs", lambda c: f"e{c.epochs}"),
     ("seed", lambda c: f"seed{c.seed}"),
 )

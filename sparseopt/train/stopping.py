@@ -69,7 +69,7 @@ def check_finite(loss_sum: float, epoch: int, step: int, out) -> None:
         kept = (f"the last good checkpoint (epoch {epoch}) is kept in {out}" if epoch > 0
                 else "no epoch had finished, so there is no checkpoint to resume from")
         raise NonFiniteLoss(f"non-finite training loss at epoch {epoch + 1}, step {step}: stopping; {kept}. "
-                            "Try a lower --lr or --renorm 1.0")
+                            "Try a lower --lr or --max-grad-norm 1.0")
 
 
 def resume_hint(out, epoch: int, command: str | None = None) -> str:
