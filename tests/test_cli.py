@@ -25,7 +25,7 @@ def read_jsonl(path):
 
 def test_embedded_default_job(tmp_path, capsys):
     out = tmp_path / "default"
-    assert main(["train", *FAST, "--out", str(out)]) == 0
+    assert main(["demo", *FAST, "--out", str(out)]) == 0
     for variant in ("sgd", "sparseopt"):
         run = out / variant
         assert {"config.yaml", "env.json", "metrics.jsonl", "results.json", "checkpoint.pt"} <= {p.name for p in run.iterdir()}

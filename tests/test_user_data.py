@@ -184,10 +184,13 @@ def test_skew_reads_any_dataset_and_prints_progress_when_piped(tmp_path):
     assert json.loads((tmp_path / "skew" / "skew.json").read_text())["ratios"][0]["norm"] == "batchnorm"
 
 
-# -- 11: flags on the default job ----------------------------------------------------------------------------------
-def test_a_command_that_names_its_own_run_is_one_run(tmp_path, monkeypatch):
+# -- 11: the default job, in one sentence ------------------------------------------------------------------------
+def test_train_is_one_run_and_demo_is_the_comparison(tmp_path, monkeypatch, capsys):
+    """A flags-only `sparseopt train` was one run or two by a list of keys (issue 28). Now `sparseopt train` is
+    one run (the pair only with --compare-optimizers) and `sparseopt demo` is the default job's comparison."""
     import argparse
 
+    from sparseopt.cli import main as main_mod
     from sparseopt.cli.train_args import add_config_flags, parse_train_args
 
     def parsed(*argv):
@@ -195,12 +198,17 @@ def test_a_command_that_names_its_own_run_is_one_run(tmp_path, monkeypatch):
         add_config_flags(parser)
         return parse_train_args(parser, list(argv))
 
-    assert parsed().compare_optimizers  # the bare default job: the comparison
-    assert parsed("--epochs", "3", "--seed", "2").compare_optimizers  # the default job, other budget or seed
-    for flags in (["--optimizer", "sgd"], ["--dataset", "mnist", "--data-dir", "x"], ["--model", "resnet20"],
-                  ["--dst", "set"]):
-        assert not parsed(*flags).compare_optimizers, flags
+    for flags in ([], ["--epochs", "3", "--seed", "2"], ["--optimizer", "sgd"], ["--dst", "set"]):
+        cfg = parsed(*flags)
+        assert not cfg.compare_optimizers and cfg.out is None, flags  # one run, in runs/<run name>
     assert parsed("--optimizer", "sgd", "--compare-optimizers").compare_optimizers
+    seen = []
+    monkeypatch.setattr("sparseopt.train.compare.compare", lambda cfg, argv: seen.append((cfg, argv)))
+    assert main_mod.main(["demo", "--epochs", "2"]) == 0
+    cfg, argv = seen[0]
+    assert cfg.compare_optimizers and cfg.out == "runs/default" and cfg.epochs == 2 and argv[:2] == ["sparseopt", "demo"]
+    assert main_mod.main(["demo", "--no-compare-optimizers"]) == 2
+    assert "sparseopt demo is the comparison" in capsys.readouterr().err
 
 
 # -- 12: a sweep stopped by SIGTERM; warnings in the sweep's output -----------------------------------------------

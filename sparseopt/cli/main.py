@@ -1,6 +1,7 @@
 """``sparseopt`` command line: ``sparseopt <command> [options]``.
 
-    sparseopt train                       # the embedded default job (offline, ~1 minute on a CPU)
+    sparseopt demo                        # the default job twice, SGD vs SparseOpt (offline, ~1 minute on a CPU)
+    sparseopt train                       # one run of the default job; flags and --config change it
     sparseopt train --config configs/cifar100_resnet20.yaml --sparsity 0.95 --data-dir ~/data
     sparseopt skew --data-dir ../shared/data          # gradient skew (paper Fig. 2)
     sparseopt report runs/ --out reports/all          # tables and figures from run folders
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 
@@ -21,20 +23,37 @@ USER_ERRORS = (ValueError, OSError)
 
 
 def cmd_train(argv: list[str]) -> int:
+    """One run (the pair with --compare-optimizers): the default job changed by the flags, or --config's."""
     from ..train.compare import compare
     from ..train.trainer import train
+
+    cfg = _parse("train", "Train one run (or a baseline/SparseOpt pair with --compare-optimizers).", argv)
+    (compare if cfg.compare_optimizers else train)(cfg, argv=["sparseopt", "train", *argv])
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    """The default job twice, masked SGD and SparseOpt with the same seed, and their comparison (runs/default)."""
+    from ..train.compare import compare
+
+    cfg = _parse("demo", "Train the default job twice, masked SGD and SparseOpt, and compare them (runs/default).",
+                 argv)
+    if "--no-compare-optimizers" in argv:
+        raise ValueError("sparseopt demo is the comparison; `sparseopt train` trains one run")
+    cfg = dataclasses.replace(cfg, compare_optimizers=True, out=cfg.out or DEMO_OUT)
+    compare(cfg, argv=["sparseopt", "demo", *argv])
+    return 0
+
+
+DEMO_OUT = "runs/default"
+
+
+def _parse(command: str, description: str, argv: list[str]):
     from .train_args import add_config_flags, parse_train_args
 
-    parser = argparse.ArgumentParser(prog="sparseopt train", description="Train one run (or a baseline/SparseOpt pair).",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=f"sparseopt {command}", description=description, allow_abbrev=False)
     add_config_flags(parser)
-    cfg = parse_train_args(parser, argv).validate()
-    command = ["sparseopt", "train", *argv]
-    if cfg.compare_optimizers:
-        compare(cfg, argv=command)
-    else:
-        train(cfg, argv=command)
-    return 0
+    return parse_train_args(parser, argv).validate()
 
 
 def _lazy(module: str, name: str):
@@ -46,7 +65,8 @@ def _lazy(module: str, name: str):
 
 
 COMMANDS = {
-    "train": (cmd_train, "train a model with a DST method and optimizer"),
+    "demo": (cmd_demo, "the default job twice, masked SGD vs SparseOpt, with a table and a plot (runs/default)"),
+    "train": (cmd_train, "train one run with a DST method and optimizer (the pair with --compare-optimizers)"),
     "skew": (_lazy("analyses", "cmd_skew"), "BN gradient skew vs sparsity, per neuron, before/after SparseOpt (Fig. 2)"),
     "direction": (_lazy("analyses", "cmd_direction"), "update-direction jumps at mask updates, baseline vs SparseOpt"),
     "toy-ham": (_lazy("analyses", "cmd_toy_ham"), "HAM vs GD on the one-neuron BatchNorm model (appendix A)"),

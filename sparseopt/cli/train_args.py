@@ -66,14 +66,4 @@ def parse_train_args(parser: argparse.ArgumentParser, argv: list[str]) -> TrainC
         if any(a == old_flag or a.startswith(old_flag + "=") for a in argv):
             logger.warning("%s is renamed --%s (the old flag still works)", old_flag, new.replace("_", "-"))
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
-    if args.config is None and "compare_optimizers" not in overrides:
-        named = [k for k in OWN_JOB_KEYS if k in overrides]
-        if named:  # the default job's comparison is for the default job, not for a run the command describes
-            overrides["compare_optimizers"] = False
-    base_file = args.config or default_config_path()
-    return make_config(base_file, overrides)
-
-
-# Flags that make a command a run of its own (one run, unless --compare-optimizers asks for the pair);
-# the bare `sparseopt train`, or one that only changes its budget or seed, stays the default comparison.
-OWN_JOB_KEYS = ("optimizer", "dataset", "data_dir", "model", "dst")
+    return make_config(args.config or default_config_path(), overrides)

@@ -189,7 +189,7 @@ class TrainConfig:
         False, "check after every topology update that the masks and the weights agree bitwise across ranks", role="runtime")
     monitor: bool = option(
         True, "log neuron statistics per epoch and the loss around every topology update in metrics.jsonl", role="runtime")
-    out: str | None = option(None, "run folder (default runs/<run name>)", role="runtime")
+    out: str | None = option(None, "run folder (default: runs/<run name>; for sparseopt demo, runs/default)", role="runtime")
     resume: bool = option(False, "continue the run in --out from its checkpoint", role="runtime")
     overwrite: bool = option(
         False, "replace the run in --out (only a sparseopt run folder is ever cleared)", role="runtime")
