@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from sparseopt.cli.main import main
+from sparseopt.runs import read_metrics
 from sparseopt.train import records as records_mod
 from sparseopt.train import trainer as trainer_mod
-from sparseopt.train.io import read_metrics
 from sparseopt.train.run_folder import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,9 +295,9 @@ def test_sweep_resumes_an_interrupted_run(tmp_path):
 def test_epoch_axes_have_integer_ticks_and_skew_reports_progress(tmp_path):
     from matplotlib.ticker import MaxNLocator
 
-    from sparseopt.analysis.figures import epoch_axis, pyplot
     from sparseopt.analysis.skew import mnist_inputs, run_skew
     from sparseopt.data import load_bundled_mnist
+    from sparseopt.figures import epoch_axis, pyplot
 
     fig, ax = pyplot().subplots()
     ax.plot([1, 2, 3], [0.1, 0.2, 0.3])

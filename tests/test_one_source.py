@@ -53,7 +53,7 @@ def test_choices_come_from_the_modules_that_define_them():
 def test_run_names_and_sweep_names_read_one_table():
     cfg = make_config(None, {"structure": "constant_fan_in", "sparsity": 0.9, "ham": True}).validate()
     assert naming.run_name(cfg) == "bundled_mnist-mlp-rigl-sparseopt-s0.9-cfi-ham-e100-seed0"
-    assert cfg.method() == {k: getattr(cfg, k) for k in naming.NAMED_KEYS}
+    assert naming.method_keys(cfg) == {k: getattr(cfg, k) for k in naming.NAMED_KEYS}
     # a swept key that the name already shows is not added twice (structure was, before)
     spec = grid.SweepSpec("s", None, {}, {"structure": ["unstructured", "constant_fan_in"]}, [{}], [0], {}, 1, None)
     names = [r.name for r in grid.expand(spec, "/tmp/unused")]

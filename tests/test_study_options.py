@@ -272,7 +272,7 @@ def test_sigma_slope_script_reads_what_the_monitor_logged(tmp_path):
     from pathlib import Path
 
     from sparseopt.cli.main import main
-    from sparseopt.train.io import read_metrics
+    from sparseopt.runs import read_metrics
 
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--train-subset", "512", "--quiet", "--no-compare-optimizers",

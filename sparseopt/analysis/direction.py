@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..figures import pyplot, save_figure, write_csv
 from ..files import write_json
 from ..train.build import build_run, make_model
 from ..train.config import TrainConfig
 from ..train.data import make_loaders
 from ..train.distributed import DistEnv
 from ..train.schedule import peak_lr, warmup_cosine_scheduler
-from .figures import pyplot, save_figure, write_csv
 
 METHODS = ("sgd", "sparseopt")
 

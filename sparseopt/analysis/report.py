@@ -32,15 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..figures import epoch_axis, pyplot, save_figure, write_csv, write_text
 from ..files import write_json
 from ..optim.presets import OPTIMIZER_PRESETS
+from ..runs import CONFIG_FILE, RunFolder, read_metrics
 from ..topology import DST_METHODS
 from ..train.config import NON_METHOD_KEYS, with_defaults
-from ..train.io import read_metrics
 from ..train.naming import NAMED_KEYS
-from .figures import epoch_axis, pyplot, save_figure, write_csv, write_text
 
 # The axes of the paper's tables; runs are grouped by every method key (below), not by these alone.
 GROUP_KEYS = tuple(k for k in NAMED_KEYS if k != "seed")  # the keys of a run's name (sparseopt.train.naming)
@@ -93,32 +91,24 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"no such run or sweep folder: {p}")
-        if (p / "config.yaml").is_file():
+        if (p / CONFIG_FILE).is_file():
             found.append(p)
-        found += sorted(c.parent for c in p.rglob("config.yaml") if c.parent != p)
+        found += sorted(c.parent for c in p.rglob(CONFIG_FILE) if c.parent != p)
     return sorted(dict.fromkeys(found))
 
 
 def load_run(path: Path) -> RunRecord:
     # A key the run's version did not have counts at what it meant then: runs of every version group together.
-    config = with_defaults(yaml.safe_load((path / "config.yaml").read_text()) or {})
-    results_path = path / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+    run = RunFolder(path)
+    config = with_defaults(run.config())
+    results = run.results()
     # Group by what ran, not by what the config says: an "auto" key means whatever the version that trained the
     # run made of it (recorded in results.json / env.json), and two versions may have made different things.
-    resolved = (results or {}).get("resolved") or _env_record(path).get("resolved") or {}
+    resolved = (results or {}).get("resolved") or run.env().get("resolved") or {}
     config = {k: resolved.get(k, v) if v == "auto" else v for k, v in config.items()}
-    metrics = read_metrics(path)
+    metrics = run.metrics()
     status = results.get("status", "unknown") if results else "incomplete"
     return RunRecord(path, config, status, results, metrics)
-
-
-def _env_record(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads((path / "env.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -199,8 +199,8 @@ def run_skew(
     """
     from pathlib import Path
 
+    from ..figures import pyplot, save_figure, write_csv
     from ..files import write_json
-    from .figures import pyplot, save_figure, write_csv
 
     out = Path(out)
     rows, summary = [], {}

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ..figures import pyplot, save_figure, write_csv
 from ..files import write_json
-from .figures import pyplot, save_figure, write_csv
 
 
 def F(a: torch.Tensor, alpha: float) -> torch.Tensor:

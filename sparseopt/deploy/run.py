@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,30 +9,23 @@ import torch
 from torch import nn
 
 from ..data import CLASS_NAMES, DATASETS
-from ..files import load_checkpoint
 from ..masks.maskset import MaskSet
 from ..masks.structure import Structure
-from ..models import build_model
-from ..train.build import model_spec
-from ..train.config import TrainConfig, load_yaml, make_config
+from ..models import build_model, model_defaults
+from ..runs import ModelSpec, RunFolder
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, MaskSet, dict[str, Any]]:
     """``(model, masks, export keywords)`` of a run folder: config.yaml + checkpoint.pt, eval mode, on the CPU."""
-    run_dir = Path(run_dir)
-    config_path, checkpoint_path = run_dir / "config.yaml", run_dir / "checkpoint.pt"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: no config.yaml")
-    cfg: TrainConfig = make_config(None, load_yaml(config_path))
-    state = load_checkpoint(checkpoint_path)
-    if state.get("format") != "sparseopt-checkpoint-v1":
-        raise ValueError(f"{checkpoint_path} is not a sparseopt training checkpoint")
+    run = RunFolder(run_dir)
+    run_dir, config_path, checkpoint_path = run.path, run.config_path, run.checkpoint_path
+    config = run.config()
+    state = run.checkpoint()
     if state.get("masks") is None:
         raise ValueError(f"{run_dir} is a dense run (dst=dense): it has no masks to export")
-    results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = run.results() or {}
     num_classes = state.get("num_classes") or results.get("num_classes")
-    spec = model_spec(cfg, num_classes)
+    spec = ModelSpec.from_config(config, num_classes)
     model = spec.build()
     saved = state["masks"]
     masks = MaskSet(model, dict(zip(saved["names"], saved["masks"])), Structure.from_dict(saved.get("structure")))
@@ -42,8 +34,8 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, MaskSet, dict[str, Any]]:
     except RuntimeError as e:
         raise ValueError(f"{checkpoint_path} does not fit the model of {config_path}: {str(e).splitlines()[0]}") from None
     model.eval()
-    info = DATASETS[cfg.dataset]
-    class_names = state.get("class_names") or results.get("class_names") or CLASS_NAMES.get(cfg.dataset)
+    info = DATASETS[config["dataset"]]
+    class_names = state.get("class_names") or results.get("class_names") or CLASS_NAMES.get(config["dataset"])
     export = {
         "model_name": spec.name, "model_kwargs": spec.kwargs, "num_classes": spec.num_classes,
         "class_names": class_names if class_names and len(class_names) == spec.num_classes else None,
@@ -71,14 +63,16 @@ def synthetic_model(
 ) -> tuple[nn.Module, MaskSet, tuple[int, ...]]:
     """A registered model with random weights, trained-like BatchNorm statistics and masks: for benchmarks.
 
-    Returns ``(model, masks, input_shape)``; ResNet-50 at 224 px and 1000 classes unless told, other models at
-    their dataset's size and 10 classes.
+    Returns ``(model, masks, input_shape)``: the input and class count of the model's own dataset
+    (:func:`sparseopt.models.model_defaults`) unless told.
     """
     import sparseopt
 
-    num_classes = num_classes or (1000 if name == "resnet50" else 10)
-    size = image_size or (224 if name == "resnet50" else 28 if name == "mlp" else 32)
-    shape = (1, size, size) if name == "mlp" else (3, size, size)
+    defaults = model_defaults(name)
+    num_classes = num_classes or defaults.num_classes
+    channels, height, _ = defaults.in_shape
+    size = image_size or height
+    shape = (channels, size, size)
     torch.manual_seed(seed)
     model = build_model(name, num_classes, in_shape=shape)
     masks = sparseopt.sparsify(model, sparsity, distribution, structure=structure, nm=nm,

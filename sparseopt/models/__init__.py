@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -19,6 +20,31 @@ for _name, _fn in (("resnet20", resnet20), ("resnet32", resnet32), ("resnet56", 
     MODELS.register(_name, _fn)
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model is made for, as timm's pretrained configs say it: its input, its class count, its dataset."""
+
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    dataset: str
+
+
+# name -> ModelDefaults: read where no dataset decides (benchmarks, synthetic models); a model registered
+# without one is taken as CIFAR-sized. A plugin registers its own beside its constructor.
+MODEL_DEFAULTS: Registry[ModelDefaults] = Registry("model defaults")
+for _name in ("resnet20", "resnet32", "resnet56"):
+    MODEL_DEFAULTS.register(_name, ModelDefaults((3, 32, 32), 10, "cifar10"))
+MODEL_DEFAULTS.register("resnet50", ModelDefaults((3, 224, 224), 1000, "imagenet"))
+MODEL_DEFAULTS.register("mlp", ModelDefaults((1, 28, 28), 10, "mnist"))
+CIFAR_SIZED = ModelDefaults((3, 32, 32), 10, "cifar10")
+
+
+def model_defaults(name: str) -> ModelDefaults:
+    """The input shape, class count and dataset a registered model is made for."""
+    MODELS[name]  # noqa: B018 - ValueError listing the registered models
+    return MODEL_DEFAULTS.get(name, CIFAR_SIZED)
+
+
 def config_options(constructor) -> dict[str, str]:
     """Constructor parameter -> the config key it is set from (``constructor.config_options``; none by default)."""
     return dict(getattr(constructor, "config_options", {}))
@@ -33,5 +59,5 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...] | None = 
     return constructor(num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MLP", "MODELS", "CifarResNet", "ResNet50", "build_model", "config_options", "resnet20", "resnet32", "resnet50",
+__all__ = ["MLP", "MODELS", "MODEL_DEFAULTS", "ModelDefaults", "model_defaults", "CifarResNet", "ResNet50", "build_model", "config_options", "resnet20", "resnet32", "resnet50",
            "resnet56"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plugins import load_plugins
+from ..runs import RunFolder
 from ..train.config import (
     FIELDS,
     TrainConfig,
@@ -133,19 +134,13 @@ def name_value(value: Any) -> str:
 
 def run_state(run_dir: str | Path) -> str:
     """``finished`` (completed), ``failed`` (diverged), ``resumable`` (a checkpoint exists) or ``new``."""
-    import json
-
-    run_dir = Path(run_dir)
-    results = run_dir / "results.json"
-    if results.is_file():
-        try:
-            status = json.loads(results.read_text()).get("status")
-        except ValueError:
-            status = None
-        if status == "completed":
-            return "finished"
-        if status == "diverged":
-            return "failed"
-    if (run_dir / "checkpoint.pt").is_file():
-        return "resumable"
-    return "new"
+    run = RunFolder(run_dir)
+    try:
+        status = (run.results() or {}).get("status")
+    except ValueError:
+        status = None
+    if status == "completed":
+        return "finished"
+    if status == "diverged":
+        return "failed"
+    return "resumable" if run.has_checkpoint() else "new"

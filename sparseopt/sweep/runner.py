@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..files import atomic_write, write_json
+from ..runs import RunFolder
 from ..train.config import config_differences
 from ..train.run_folder import listing
 from .grid import PlannedRun, SweepSpec, expand, run_state
@@ -33,17 +34,17 @@ def stale_runs(runs: list[PlannedRun]) -> list[str]:
     """
     stale = []
     for run in runs:
-        saved = Path(run.config.out) / "config.yaml"
-        if not saved.is_file():
+        folder = RunFolder(run.config.out)
+        if not folder.has_config():
             continue
         try:
-            old = yaml.safe_load(saved.read_text()) or {}
-        except (yaml.YAMLError, OSError) as e:
-            stale.append(f"{run.name}: unreadable {saved.name} ({type(e).__name__})")
+            old = folder.config()
+        except (yaml.YAMLError, OSError, ValueError) as e:
+            stale.append(f"{run.name}: unreadable {folder.config_path.name} ({type(e).__name__})")
             continue
-        diffs = config_differences(old, run.config.to_dict()) if isinstance(old, dict) else ["not a mapping"]
+        diffs = config_differences(old, run.config.to_dict())
         if diffs:
-            stale.append(f"{run.name}: " + "; ".join(diffs))
+            stale.append(f"{run.name}: " + "; ".join(map(str, diffs)))
     return stale
 
 

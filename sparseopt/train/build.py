@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import DATASETS, FOLDER_DATASETS
 from ..masks.maskset import MaskSet, sparsify
-from ..models import MODELS, build_model, config_options
 from ..optim import HAM, SparseOpt
 from ..optim.clip import ClipGradNorm
 from ..optim.presets import OPTIMIZER_PRESETS
 from ..registry import takes_keyword
+from ..runs import ModelSpec
 from ..topology import DST_METHODS, Static
 from ..training_kernels import SparseTraining, sparse_training
 from .config import TrainConfig
@@ -36,35 +35,9 @@ class RunObjects:
     sparse: SparseTraining | None = None  # the sparse training kernels (kernels=sparse or auto)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What :func:`sparseopt.models.build_model` needs to rebuild a run's model (recorded in sparse exports)."""
-
-    name: str
-    num_classes: int
-    in_shape: tuple[int, ...]
-    kwargs: dict
-
-    def build(self) -> nn.Module:
-        return build_model(self.name, self.num_classes, in_shape=self.in_shape, **self.kwargs)
-
-
 def model_spec(cfg: TrainConfig, num_classes: int | None = None) -> ModelSpec:
-    """The config's model with ``num_classes`` outputs (default: the dataset's own count).
-
-    The constructor gets the config keys it declares (``config_options``: ``--shortcut`` for the CIFAR
-    ResNets, ``--mlp-hidden`` / ``--mlp-norm`` for the MLP) and ``model_kwargs``.
-    """
-    info = DATASETS[cfg.dataset]
-    num_classes = num_classes if num_classes is not None else info.num_classes
-    in_shape = info.in_shape
-    if cfg.dataset in FOLDER_DATASETS:
-        size = cfg.image_size or in_shape[1]
-        in_shape = (in_shape[0], size, size)
-    # (validate() refuses model_kwargs that name one of these: the flag sets it.)
-    kwargs = {param: getattr(cfg, key) for param, key in config_options(MODELS[cfg.model]).items()}
-    kwargs = {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return ModelSpec(cfg.model, num_classes, tuple(in_shape), {**kwargs, **cfg.model_kwargs})
+    """The config's model with ``num_classes`` outputs (default: the dataset's own count): :meth:`ModelSpec.from_config`."""
+    return ModelSpec.from_config(cfg.to_dict(), num_classes)
 
 
 def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
@@ -153,10 +126,3 @@ def topology_options(cfg: TrainConfig, updater: type, total_steps: int, prune_sc
     )
     return {k: v for k, v in options.items() if takes_keyword(updater, k)}
 
-
-# The updater options the config sets itself, and the flag that sets each: not allowed in dst_kwargs.
-TOPOLOGY_FLAGS = {"delta_t": "--delta-t", "alpha": "--alpha", "t_end": "--t-end-fraction", "total_steps": "--epochs",
-                  "keep_regrown": "--keep-regrown", "reset_optimizer_state": "--reset-optimizer-state",
-                  "skip_update": "--skip-update", "prune_score": "--prune-score", "seed": "--seed",
-                  "growth_gradient": "--growth-gradient", "neuron_ablation": "--neuron-ablation",
-                  "masks": "built by sparseopt", "optimizer": "built by sparseopt"}

@@ -7,18 +7,16 @@ from typing import Any
 
 import torch
 
-from ..files import load_checkpoint
 from ..messages import plural
+from ..runs import CHECKPOINT_FORMAT, RunFolder
 from .build import RunObjects, resolve_method
 from .config import TrainConfig, config_differences
-
-FORMAT = "sparseopt-checkpoint-v1"
 
 
 def training_state(cfg: TrainConfig, run: RunObjects, scheduler, *, epoch: int, step: int, num_classes: int,
                    class_names: list[str] | None, seconds: float) -> dict[str, Any]:
     return {
-        "format": FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
         "step": step,
         "config": cfg.to_dict(),
@@ -40,12 +38,10 @@ def training_state(cfg: TrainConfig, run: RunObjects, scheduler, *, epoch: int, 
 
 def restore(path: Path, cfg: TrainConfig, run: RunObjects, scheduler, device: torch.device) -> dict[str, Any]:
     """Load ``path`` into the run's objects after checking it is this run's; returns the checkpoint."""
-    state = load_checkpoint(path, map_location=device)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a sparseopt training checkpoint")
+    state = RunFolder(Path(path).parent).checkpoint(map_location=device)
     diffs = config_differences(state["config"], cfg.to_dict(), state.get("resolved"))
     saved_epochs = int(state["config"].get("epochs", cfg.epochs))
-    if [d.split(":")[0] for d in diffs] == ["epochs"] and cfg.epochs > saved_epochs:
+    if [d.key for d in diffs] == ["epochs"] and cfg.epochs > saved_epochs:
         raise ValueError(
             f"{path.parent} is a {saved_epochs}-epoch run: its learning rate follows a cosine to lr_min over "
             f"{plural(saved_epochs, 'epoch')} and its topology updates stop at {cfg.t_end_fraction:g} of them, so training it "
@@ -53,7 +49,7 @@ def restore(path: Path, cfg: TrainConfig, run: RunObjects, scheduler, device: to
             f"over all {cfg.epochs}). Train the longer run as its own: the same command with --epochs {cfg.epochs} and "
             "another --out (or --overwrite)")
     if diffs:
-        raise ValueError(f"checkpoint {path} is from another configuration; differing keys: " + "; ".join(diffs))
+        raise ValueError(f"checkpoint {path} is from another configuration; differing keys: " + "; ".join(map(str, diffs)))
     saved_method, method = state.get("resolved"), resolve_method(cfg)
     # Keys a checkpoint does not record were not 'auto' in its version: they cannot have changed.
     changed = [f"{k}={saved_method[k]!r} (now {method[k]!r})" for k in method

@@ -7,18 +7,15 @@ Writes ``<out>/sgd/``, ``<out>/sparseopt/`` (complete run folders) and
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import signal
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..analysis.figures import epoch_axis, pyplot, save_figure, write_text
+from ..figures import epoch_axis, pyplot, save_figure, write_text
 from ..files import write_json
+from ..runs import RunFolder, read_metrics
 from .config import TrainConfig, config_differences
-from .io import read_metrics
 from .naming import run_name
 from .stopping import Interrupted
 from .trainer import Trainer
@@ -82,7 +79,7 @@ def compare(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
     for variant in VARIANTS:
         folder = out / variant
         sub = dataclasses.replace(cfg, optimizer=variant, out=str(folder), compare_optimizers=False,
-                                  resume=cfg.resume and (folder / "checkpoint.pt").is_file())
+                                  resume=cfg.resume and RunFolder(folder).has_checkpoint())
         done = finished_run(folder, sub) if cfg.resume else None
         if done is not None:
             print(f"== {variant}: finished earlier, kept -> {folder}", flush=True)
@@ -101,16 +98,17 @@ def compare(cfg: TrainConfig, argv: list[str] | None = None) -> dict[str, Any]:
 
 def finished_run(folder: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     """The results of a completed run in ``folder`` trained with ``cfg``'s method; None when there is none."""
+    run = RunFolder(folder)
     try:
-        results = json.loads((folder / "results.json").read_text())
+        results = run.results()
     except (OSError, ValueError):
         return None
-    if results.get("status") != "completed":
+    if results is None or results.get("status") != "completed":
         return None
-    saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    saved = run.config()
     diffs = config_differences(saved, cfg.to_dict(), results.get("resolved"))
     if diffs:
-        raise ValueError(f"{folder} holds a finished run of another configuration; differing keys: " + "; ".join(diffs))
+        raise ValueError(f"{folder} holds a finished run of another configuration; differing keys: " + "; ".join(map(str, diffs)))
     return results
 
 

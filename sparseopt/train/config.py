@@ -20,17 +20,18 @@ from typing import Any
 
 import yaml
 
-from ..data import DATASETS
+from ..data import DATASETS, FOLDER_DATASETS
 from ..data.augment import AUGMENTS
 from ..masks.distributions import DISTRIBUTIONS
 from ..masks.maskset import INITS
 from ..masks.structure import STRUCTURES
-from ..models import MODELS
+from ..models import MODELS, config_options
 from ..models.mlp import NORMS as MLP_NORMS
 from ..models.resnet_cifar import SHORTCUTS
 from ..optim.presets import OPTIMIZER_PRESETS
 from ..optim.scales import SCALE_SOURCES
 from ..optim.sparseopt import LAYER_CHOICES
+from ..registry import check_keywords, closest, takes_keyword
 from ..topology.scores import PRUNE_SCORES
 from ..topology.updaters import DST_METHODS, GROWTH_GRADIENTS
 from ..training_kernels import KERNEL_MODES
@@ -44,6 +45,12 @@ RENAMED_KEYS = {"renorm": "max_grad_norm", "growth_grad": "growth_gradient"}
 # torch.compile's modes (torch.compile(mode=...)).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 NORMALIZATIONS = ("dataset", "computed", "none")  # --normalize (sparseopt.train.data)
+# The updater options the config sets itself, and the flag that sets each: not allowed in dst_kwargs.
+TOPOLOGY_FLAGS = {"delta_t": "--delta-t", "alpha": "--alpha", "t_end": "--t-end-fraction", "total_steps": "--epochs",
+                  "keep_regrown": "--keep-regrown", "reset_optimizer_state": "--reset-optimizer-state",
+                  "skip_update": "--skip-update", "prune_score": "--prune-score", "seed": "--seed",
+                  "growth_gradient": "--growth-gradient", "neuron_ablation": "--neuron-ablation",
+                  "masks": "built by sparseopt", "optimizer": "built by sparseopt"}
 # SparseOpt's options: they do nothing for an optimizer preset that does not precondition.
 PRECONDITIONER_KEYS = ("precondition_layers", "scale_source", "scale_kwargs", "scale_ema", "undamped_growth")
 
@@ -242,8 +249,6 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         self._check_method_options()
-        from ..data import FOLDER_DATASETS
-
         if self.augment == "imagenet" and self.dataset not in FOLDER_DATASETS:
             raise ValueError(f"augment=imagenet (random-resized crops of decoded images) is for image folders; "
                              f"{self.dataset} is held as tensors: use none, flip, crop or crop_flip")
@@ -265,11 +270,6 @@ class TrainConfig:
 
     def _check_method_options(self) -> None:
         """Refuse options this method would ignore: recorded, they would split identical runs into report groups."""
-        from ..models import MODELS, config_options
-        from ..registry import check_keywords, takes_keyword
-        from ..topology import DST_METHODS
-        from .build import TOPOLOGY_FLAGS
-
         if self.dst == "dense" and self.optimizer != "sgd":
             raise ValueError(f"dst=dense has no masks to precondition, so optimizer={self.optimizer} means nothing there: "
                              "use --optimizer sgd (the default with --dst dense) or a sparse --dst")
@@ -304,12 +304,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def method(self) -> dict[str, Any]:
-        """The keys that name the run (:mod:`sparseopt.train.naming`), recorded in ``results.json``."""
-        from .naming import NAMED_KEYS
-
-        return {k: getattr(self, k) for k in NAMED_KEYS}
-
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
@@ -335,8 +329,21 @@ NON_METHOD_KEYS = keys_with_role("run", "runtime")
 LEGACY_DEFAULTS = {"scale_source": "fan_in"}
 
 
-def config_differences(saved: dict[str, Any], now: dict[str, Any], resolved: dict[str, Any] | None = None) -> list[str]:
-    """``"key: saved a, now b"`` for every key that makes ``now`` another run than ``saved``.
+@dataclass(frozen=True)
+class KeyDifference:
+    """One config key that makes a run another run: its saved and its present value."""
+
+    key: str
+    saved: Any
+    now: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: saved {self.saved!r}, now {self.now!r}"
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any],
+                       resolved: dict[str, Any] | None = None) -> list[KeyDifference]:
+    """Every key that makes ``now`` another run than ``saved`` (``str()`` of one: ``"key: saved a, now b"``).
 
     A key missing from ``saved`` (written before the key existed) counts at its default. ``resolved``: what the
     saved run made of its ``"auto"`` keys; naming that value explicitly now is the same run.
@@ -348,7 +355,7 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any], resolved: dic
         old = saved[key]
         return old == now[key] or (old == "auto" and key in resolved and resolved[key] == now[key])
 
-    return [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in now if k not in RESUMABLE_KEYS and not same(k)]
+    return [KeyDifference(k, saved[k], now[k]) for k in now if k not in RESUMABLE_KEYS and not same(k)]
 
 
 def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
@@ -406,8 +413,6 @@ def _base_type(tp):
 
 def unknown_key_message(name: str, flag: bool = False) -> str:
     """One line for an unknown key: the closest valid one, or where the list of keys is."""
-    from ..registry import closest
-
     match = closest(name.lstrip("-").replace("-", "_"), FIELDS)
     hint = "" if match is None else f" (did you mean {('--' + match.replace('_', '-')) if flag else match!r}?)"
     where = "`sparseopt train --help` lists them" if flag or hint else f"valid keys: {', '.join(sorted(FIELDS))}"

@@ -7,8 +7,10 @@ this value). A sweep adds ``-key<value>`` for every swept key that is not in thi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from .config import TrainConfig
+if TYPE_CHECKING:  # the config module does not import this one: the name table is read by the layers above
+    from .config import TrainConfig
 
 
 def _sparse(write: Callable[[TrainConfig], str | None]) -> Callable[[TrainConfig], str | None]:
@@ -32,6 +34,11 @@ NAME_PARTS: tuple[tuple[str, Callable[[TrainConfig], str | None]], ...] = (
     ("seed", lambda c: f"seed{c.seed}"),
 )
 NAMED_KEYS: tuple[str, ...] = tuple(key for key, _ in NAME_PARTS)
+
+
+def method_keys(cfg: TrainConfig) -> dict[str, Any]:
+    """The keys that name the run, with their values: recorded in ``results.json`` as its ``method``."""
+    return {k: getattr(cfg, k) for k in NAMED_KEYS}
 
 
 def run_name(cfg: TrainConfig) -> str:

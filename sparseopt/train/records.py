@@ -21,10 +21,19 @@ import torch
 import yaml
 
 from ..files import atomic_write, save_checkpoint, write_json
+from ..runs import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    ENV_FILE,
+    METRICS_FILE,
+    RESULTS_FILE,
+    jsonl_lines,
+    read_metrics,
+)
 from .build import effective_delta_t, resolve_method
 from .config import TrainConfig
-from .io import environment, jsonl_lines, read_metrics
-from .naming import run_name
+from .io import environment
+from .naming import method_keys, run_name
 from .run_folder import MARKER, RunLock, clear_run_folder, write_marker
 from .runtime import open_loggers
 from .stopping import Interrupted
@@ -114,15 +123,15 @@ def start_run_folder(out: Path, cfg: TrainConfig, device: torch.device, world_si
 def write_header(out: Path, cfg: TrainConfig, device: torch.device, world_size: int, argv: list[str], *,
                  resuming: bool, epoch: int, notes: list[str], run_facts: dict[str, Any]) -> None:
     """``config.yaml``, and ``env.json``: the environment, or on resume one more invocation of the original record."""
-    atomic_write(out / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
+    atomic_write(out / CONFIG_FILE, lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
     invocation = {"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from_epoch": epoch}
-    previous = out / "env.json"
+    previous = out / ENV_FILE
     if resuming and previous.is_file():  # keep the original record, add this invocation
         env = json.loads(previous.read_text())
         env.setdefault("invocations", []).append({**environment(device, cfg.seed, world_size), **invocation})
     else:
         env = {**environment(device, cfg.seed, world_size), "invocations": [invocation], "notes": notes, **run_facts}
-    write_json(out / "env.json", env)
+    write_json(out / ENV_FILE, env)
 
 
 def run_facts(cfg: TrainConfig, steps_per_epoch: int, total_steps: int, peak_lr: float, topology,
@@ -145,9 +154,9 @@ def record_kernels(out: Path, cfg: TrainConfig, sparse, is_main: bool) -> str:
     """Write the per-layer kernel decisions into env.json once they are made (``auto``: on the first batch); the log line."""
     record = kernels_record(cfg, sparse)
     if is_main:
-        env = json.loads((out / "env.json").read_text())
+        env = json.loads((out / ENV_FILE).read_text())
         env["kernels"] = record
-        write_json(out / "env.json", env)
+        write_json(out / ENV_FILE, env)
     layers = record["layers"].values()
     on_sparse = sum(d.get("kernel") == "sparse" for d in layers)
     return (f"kernels={record['kernels']}: {on_sparse} of {len(layers)} masked layers train on the sparse kernels "
@@ -160,7 +169,7 @@ def truncate_metrics(out: Path, epoch: int, saved: list[dict[str, Any]] | None =
     ``saved``: the checkpointed epoch's lines as the checkpoint keeps them; they replace that epoch's
     lines in the file, so a line torn or lost after the checkpoint was written comes back.
     """
-    path = out / "metrics.jsonl"
+    path = out / METRICS_FILE
     lines = jsonl_lines(path) if path.is_file() else []
     keep = [line for line, record in lines if record.get("epoch", 0) < epoch or (record.get("epoch", 0) == epoch and not saved)]
     keep += [json.dumps(record) for record in saved or []]
@@ -168,13 +177,13 @@ def truncate_metrics(out: Path, epoch: int, saved: list[dict[str, Any]] | None =
 
 
 def append_metrics(out: Path, updates: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
+    with open(out / METRICS_FILE, "a") as f:
         f.write("".join(json.dumps(u) + "\n" for u in updates) + json.dumps(metrics) + "\n")
 
 
 def invocations(out: Path) -> int:
     try:
-        return len(json.loads((out / "env.json").read_text()).get("invocations", [])) or 1
+        return len(json.loads((out / ENV_FILE).read_text()).get("invocations", [])) or 1
     except (OSError, ValueError):
         return 1
 
@@ -186,7 +195,7 @@ def run_results(cfg: TrainConfig, out: Path, last: dict[str, Any], *, epoch: int
     keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "density", "itop")
     results = {
         "status": "completed",
-        "method": cfg.method(),
+        "method": method_keys(cfg),
         "run_name": run_name(cfg),
         "epochs_completed": epoch,
         "num_classes": num_classes,
@@ -213,7 +222,7 @@ def ended_results(cfg: TrainConfig, error: Exception, epoch: int, seconds: float
     """``results.json`` of a run that diverged (NonFiniteLoss) or was stopped by a signal."""
     interrupted = isinstance(error, Interrupted)
     return {"status": "interrupted" if interrupted else "diverged", "error": str(error), "epochs_completed": epoch,
-            "method": cfg.method(), "seconds": seconds, **({"resume": hint} if interrupted else {})}
+            "method": method_keys(cfg), "seconds": seconds, **({"resume": hint} if interrupted else {})}
 
 
 def summary_line(m: dict[str, Any], epochs: int) -> str:
@@ -246,7 +255,7 @@ class RunRecorder:
         if self.is_main:
             append_metrics(self.out, updates, metrics)
             # The checkpoint keeps a copy of the epoch's lines: a resume restores them if the file lost them.
-            save_checkpoint(self.out / "checkpoint.pt", {**state(), "epoch_records": [*updates, metrics]})
+            save_checkpoint(self.out / CHECKPOINT_FILE, {**state(), "epoch_records": [*updates, metrics]})
             for write in self.writers:
                 write(metrics)
 
@@ -255,7 +264,7 @@ class RunRecorder:
 
     def results(self, results: dict[str, Any]) -> None:
         if self.is_main:
-            write_json(self.out / "results.json", results)
+            write_json(self.out / RESULTS_FILE, results)
 
     def release(self) -> None:
         if self.lock is not None:

@@ -21,12 +21,20 @@ import time
 import uuid
 from pathlib import Path
 
+from ..runs import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    ENV_FILE,
+    LOCK_NAME,
+    MARKER,
+    METRICS_FILE,
+    RESULTS_FILE,
+    RunFolder,
+)
 from .config import TrainConfig
 from .naming import run_name
 
-LOCK_NAME = ".lock"
-MARKER = ".sparseopt-run"
-RUN_FILES = frozenset({"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "results.json", LOCK_NAME, MARKER,
+RUN_FILES = frozenset({CONFIG_FILE, ENV_FILE, METRICS_FILE, CHECKPOINT_FILE, RESULTS_FILE, LOCK_NAME, MARKER,
                        "comparison.md", "comparison.json", "comparison.png", "data_stats.json"})
 RUN_DIRS = frozenset({"tensorboard", "wandb"})
 COMPARE_DIRS = frozenset({"sgd", "sparseopt"})  # a --compare-optimizers folder holds two run folders
@@ -64,7 +72,7 @@ def is_run_folder(path: Path) -> bool:
     if (path / MARKER).is_file():
         return True
     try:  # a run folder written before the marker existed: env.json is sparseopt's record of its invocations
-        record = json.loads((path / "env.json").read_text())
+        record = json.loads((path / ENV_FILE).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and isinstance(record.get("invocations"), list) and "torch" in record
@@ -183,13 +191,13 @@ def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
         raise FileExistsError(
             f"--out {out} holds files that sparseopt did not write ({listing(sorted(e.name for e in out.iterdir()), 6)}; "
             f"no {MARKER} marker): sparseopt never replaces or deletes them. Choose another --out")
-    checkpoint = (out / "checkpoint.pt").is_file()
+    checkpoint = RunFolder(out).has_checkpoint()
     if cfg.resume:
         if checkpoint:
             return out, True
         if ours:  # stopped before its first checkpoint: nothing to resume, start again
             return out, False
-        raise ValueError(f"--resume: no checkpoint at {out / 'checkpoint.pt'} and no run started there; "
+        raise ValueError(f"--resume: no checkpoint at {RunFolder(out).checkpoint_path} and no run started there; "
                          f"start it without --resume")
     if checkpoint and not cfg.overwrite:
         raise FileExistsError(f"output folder {out} holds a run: pass --resume to continue it or --overwrite to replace it")

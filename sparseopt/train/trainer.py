@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..runs import RunFolder
 from . import records
 from .build import build_run, effective_delta_t, make_model
 from .checkpoints import restore, training_state
@@ -81,7 +82,7 @@ class Trainer:
         self.monitor = RunMonitor(run, self.criterion, self.autocast, effective_delta_t(cfg), cfg.monitor)
         self.notes += records.schedule_warnings(cfg, self.total_steps, warmup, self.topology)
         if self.resuming:
-            self.load(self.out / "checkpoint.pt")
+            self.load(RunFolder(self.out).checkpoint_path)
 
     def load(self, path) -> None:
         state = restore(path, self.cfg, self.objects, self.scheduler, self.device)

@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..files import atomic_write, write_bytes
+from .files import atomic_write, write_bytes
 
 
 def pyplot():
