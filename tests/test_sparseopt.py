@@ -178,6 +178,7 @@ def test_normalized_layers_detected_from_the_model():
     torch.testing.assert_close(masks.weights[-1].grad, raw_fc * masks["fc"], rtol=0, atol=0)
     _, _, custom = _sgd_model(layers=["fc"])
     assert custom.preconditioned_layers == ["fc"]
+    assert custom.layers == ["fc"] and custom.config()["layers"] == ["fc"]  # the names, not the string 'custom'
     assert _sgd_model(precondition=False)[2].preconditioned_layers == []
 
 

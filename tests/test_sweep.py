@@ -7,7 +7,7 @@ import yaml
 from sparseopt.analysis.report import report
 from sparseopt.cli.main import main
 from sparseopt.sweep import expand, load_sweep, plan, run_sweep
-from sparseopt.train.build import resolve_method
+from sparseopt.train.spec import resolve_method
 
 REPO = Path(__file__).resolve().parents[1]
 

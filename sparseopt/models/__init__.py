@@ -50,14 +50,28 @@ def config_options(constructor) -> dict[str, str]:
     return dict(getattr(constructor, "config_options", {}))
 
 
+def check_model_kwargs(name: str, kwargs: dict, *, user: bool = True) -> None:
+    """Refuse options the model's constructor does not take ("did you mean"), and those set elsewhere.
+
+    ``user``: ``kwargs`` are the user's further options (``--model-kwargs``), which may not set what the
+    dataset (``num_classes``, ``in_shape``) or a flag of the model's own (``config_options``) sets.
+    """
+    constructor = MODELS[name]  # ValueError listing the registered models
+    reserved = {"num_classes": "set by the dataset or --num-classes"}
+    if user:
+        reserved["in_shape"] = "set by the dataset"
+        reserved.update({p: f"set by --{k.replace('_', '-')}" for p, k in config_options(constructor).items()})
+    check_keywords(constructor, kwargs, f"model {name!r}", reserved=reserved)
+
+
 def build_model(name: str, num_classes: int, in_shape: tuple[int, ...] | None = None, **kwargs) -> nn.Module:
     """Build a registered model by name; ``in_shape`` (C, H, W) goes to constructors that take it."""
-    constructor = MODELS[name]  # ValueError listing the registered models
-    check_keywords(constructor, kwargs, f"model {name!r}", reserved={"num_classes": "set by the dataset or --num-classes"})
+    check_model_kwargs(name, kwargs, user=False)
+    constructor = MODELS[name]
     if in_shape is not None and accepts(constructor, "in_shape"):
         kwargs.setdefault("in_shape", tuple(in_shape))
     return constructor(num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MLP", "MODELS", "MODEL_DEFAULTS", "ModelDefaults", "model_defaults", "CifarResNet", "ResNet50", "build_model", "config_options", "resnet20", "resnet32", "resnet50",
+__all__ = ["MLP", "MODELS", "MODEL_DEFAULTS", "ModelDefaults", "check_model_kwargs", "model_defaults", "CifarResNet", "ResNet50", "build_model", "config_options", "resnet20", "resnet32", "resnet50",
            "resnet56"]

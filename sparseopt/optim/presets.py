@@ -47,16 +47,15 @@ OPTIMIZER_PRESETS.register("sparseopt_paper", OptimizerPreset(
     label="Ours", note="paper-exact", help="as the paper describes it"))
 
 
-def preset_of(optimizer) -> OptimizerPreset:
-    """The preset an optimizer object is an instance of: what ``auto`` means for it.
+def preset_for(precondition: bool, layers, scale_source: str) -> OptimizerPreset:
+    """The preset that SparseOpt settings are, for a SparseOpt built without naming one.
 
     Not preconditioning: the baseline; the paper's settings (every layer, fan-in scales):
     ``sparseopt_paper``; anything else: the recommended ``sparseopt``.
     """
-    if not getattr(optimizer, "precondition", False):
+    if not precondition:
         return OPTIMIZER_PRESETS["sgd"]
     paper = OPTIMIZER_PRESETS["sparseopt_paper"]
-    if (getattr(optimizer, "layers", None), getattr(optimizer, "scale_source", None)) == (
-            paper.precondition_layers, paper.scale_source):
+    if (layers, scale_source) == (paper.precondition_layers, paper.scale_source):
         return paper
     return OPTIMIZER_PRESETS["sparseopt"]

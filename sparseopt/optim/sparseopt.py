@@ -32,6 +32,7 @@ from ..masks.maskset import MaskSet
 from .clip import clip_grad_norm_of
 from .norms import NORM_TYPES, channel_dim, norm_group_size, removes_skew
 from .preconditioner import gradient_multiplier, neuron_scales, smooth_scales
+from .presets import OPTIMIZER_PRESETS, preset_for
 from .scales import ScaleInput, ScaleSource, make_scale_source
 from .wrapper import OptimizerWrapper, foreach_add_, foreach_mul_, grads_of
 
@@ -138,6 +139,9 @@ class SparseOpt(OptimizerWrapper):
             (``0``, the default: ``c`` jumps to its new value at a mask update).
         undamped_growth: connections added by the last topology update get
             ``max(c_i, 1)`` instead of ``c_i`` until the next update.
+        preset: the name of the optimizer preset (:data:`~sparseopt.optim.presets.OPTIMIZER_PRESETS`) these
+            settings come from; default: the one they are (:func:`~sparseopt.optim.presets.preset_for`). An
+            updater's ``prune_score="auto"`` is the preset's prune score.
         process_group: under DDP, the ranks whose BatchNorm statistics are averaged
             before ``bn_stats`` scales are computed (default: the whole world), so
             that every replica applies the same ``c``.
@@ -162,6 +166,7 @@ class SparseOpt(OptimizerWrapper):
         scale_kwargs: dict[str, Any] | None = None,
         scale_ema: float = 0.0,
         undamped_growth: bool = False,
+        preset: str | None = None,
         process_group=None,
         foreach: bool | None = None,
     ):
@@ -189,6 +194,10 @@ class SparseOpt(OptimizerWrapper):
         self.foreach = foreach
         self.scale_ema = float(scale_ema)
         self.undamped_growth = bool(undamped_growth)
+        # The preset these settings belong to (what an updater's prune_score="auto" means with this optimizer):
+        # named by whoever built it from one (the command line), or the one its settings are.
+        self.preset = OPTIMIZER_PRESETS[preset] if preset is not None else preset_for(
+            self.precondition, layers, self.scale_source)
         self.process_group = process_group
         if isinstance(layers, str):
             if layers not in LAYER_CHOICES:
@@ -199,8 +208,8 @@ class SparseOpt(OptimizerWrapper):
             unknown = sorted(set(layers) - set(masks.names))
             if unknown:
                 raise ValueError(f"layers {unknown} are not masked; masked layers are {masks.names}")
-            self.layers = "custom"
             self._selected = [n for n in masks.names if n in set(layers)]
+            self.layers = list(self._selected)  # the names themselves, in model order (recorded as given)
         # One finder per run: it serves the layer selection, the scale source and the trainer's monitoring.
         self._finder: NormalizedLayerFinder | DetectedLayers = NormalizedLayerFinder(masks.model, masks)
         self._skip_next = False

@@ -40,6 +40,7 @@ from ..train.config import (
     unknown_key_message,
 )
 from ..train.naming import NAMED_KEYS, run_name
+from ..train.spec import RunSpec
 
 SWEEP_KEYS = {"name", "base_config", "fixed", "grid", "variants", "seeds", "slurm", "nproc_per_run", "out"}
 
@@ -117,7 +118,8 @@ def expand(spec: SweepSpec, out: str | Path, overrides: dict[str, Any] | None = 
                 extra = [f"{k}{name_value(coerce(k, v))}" for k, v in swept.items() if k not in NAMED_KEYS]
                 name = "-".join([run_name(cfg), *extra]).replace("/", "_")
                 cfg.out = str(out / name)
-                runs.append(PlannedRun(name, cfg.validate()))
+                RunSpec.from_config(cfg.validate())  # each component checks its options before any run starts
+                runs.append(PlannedRun(name, cfg))
     names = [r.name for r in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from ..masks.maskset import MaskedLayer, MaskSet
 from ..masks.neurons import neuron_shape
 from ..masks.structure import check_structure
-from ..optim.presets import preset_of
+from ..optim.presets import OptimizerPreset
 from ..registry import Registry
 from .optim_state import zero_state_
 from .protocols import ProvidesScales, SkipsSteps
@@ -133,9 +133,9 @@ class DSTUpdater(TopologyUpdater):
             neuron's RMS weight), a callable ``(weight, mask, scale) -> score``
             (the smallest, signed, dropped first; ``scale`` is the layer's per-neuron ``c``
             when the optimizer provides scales, as SparseOpt does, else None), or ``"auto"`` (default): the
-            prune score of the optimizer's preset (:func:`sparseopt.optim.presets.preset_of`:
+            prune score of the optimizer's preset (``SparseOpt.preset``:
             ``"scaled"`` for the recommended SparseOpt, ``"magnitude"`` for the
-            paper's and for any optimizer that does not precondition). With the
+            paper's, the baseline's and any optimizer that does not precondition). With the
             paper's magnitude pruning SparseOpt starves low-fan-in neurons until they
             die (docs/results.md). Subclasses may override :meth:`prune_scores` instead.
         neuron_ablation: SRigL's ``gamma_sal`` (constant fan-in masks only; default
@@ -202,7 +202,8 @@ class DSTUpdater(TopologyUpdater):
                 "Or set skip_update=False"
             )
         if prune_score == "auto":  # what the optimizer's preset prunes by (docs/results.md)
-            prune_score = preset_of(optimizer).prune_score
+            preset = getattr(optimizer, "preset", None)
+            prune_score = preset.prune_score if isinstance(preset, OptimizerPreset) else "magnitude"
         if not callable(prune_score) and prune_score not in PRUNE_SCORES:
             raise ValueError(f"unknown prune_score {prune_score!r}; choose one of {list(PRUNE_SCORES)} or pass a callable")
         if prune_score == "scaled" and not isinstance(optimizer, ProvidesScales):

@@ -15,15 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..masks.maskset import MaskSet, sparsify
-from ..optim import HAM, SparseOpt
-from ..optim.clip import ClipGradNorm
-from ..optim.presets import OPTIMIZER_PRESETS
-from ..registry import takes_keyword
+from ..masks.maskset import MaskSet
 from ..runs import ModelSpec
-from ..topology import DST_METHODS, Static
+from ..topology import TopologyUpdater
 from ..training_kernels import SparseTraining, sparse_training
 from .config import TrainConfig
+from .spec import RunSpec
 
 
 @dataclass
@@ -31,7 +28,7 @@ class RunObjects:
     model: nn.Module
     masks: MaskSet | None
     optimizer: torch.optim.Optimizer
-    topology: Static | None
+    topology: TopologyUpdater | None
     sparse: SparseTraining | None = None  # the sparse training kernels (kernels=sparse or auto)
 
 
@@ -63,66 +60,14 @@ def make_model(cfg: TrainConfig, num_classes: int | None = None) -> nn.Module:
     return model
 
 
-def resolve_method(cfg: TrainConfig) -> dict[str, object]:
-    """The optimizer-dependent settings of a run with every ``auto`` resolved by its preset."""
-    preset = OPTIMIZER_PRESETS[cfg.optimizer].resolved()
-    return {k: preset[k] if getattr(cfg, k, "auto") == "auto" else getattr(cfg, k) for k in preset}
-
-
-def effective_delta_t(cfg: TrainConfig) -> int:
-    """``delta_t`` rescaled to the run's batch when the config names a reference batch (ImageNet recipe)."""
-    if cfg.delta_t_batch is None:
-        return cfg.delta_t
-    return max(1, round(cfg.delta_t * cfg.delta_t_batch / cfg.batch_size))
-
-
-def build_run(cfg: TrainConfig, model: nn.Module, total_steps: int, peak_lr: float) -> RunObjects:
-    """Masks, optimizer chain and topology updater around an already placed ``model``."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        # Weight decay on conv/linear weights only, not on biases and norm parameters.
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(
-        [g for g in groups if g["params"]], lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
-    )
-    if cfg.ham:
-        optimizer = HAM(optimizer, alpha=cfg.ham_alpha, beta=cfg.ham_beta)
-    if cfg.dst == "dense":
-        if cfg.max_grad_norm is not None:
-            optimizer = ClipGradNorm(optimizer, cfg.max_grad_norm)
-        return RunObjects(model, None, optimizer, None)
-
-    masks = sparsify(
-        model, cfg.sparsity, cfg.distribution, power_scale=cfg.power_scale, dense_first=cfg.dense_first,
-        dense_last=cfg.dense_last, init=cfg.init, generator=torch.Generator().manual_seed(cfg.seed),
-        structure=cfg.structure, nm=cfg.nm,
-    )
-    method = resolve_method(cfg)
-    optimizer = SparseOpt(
-        optimizer, masks, precondition=method["precondition"], layers=method["precondition_layers"],
-        max_grad_norm=cfg.max_grad_norm, scale_weight_decay=cfg.scale_weight_decay, scale_source=method["scale_source"],
-        scale_kwargs=cfg.scale_kwargs, scale_ema=cfg.scale_ema, undamped_growth=cfg.undamped_growth,
-    )
-    updater = DST_METHODS[cfg.dst]
-    kwargs = {**topology_options(cfg, updater, total_steps, method["prune_score"]), **cfg.dst_kwargs}
-    try:
-        topology = updater(masks, optimizer, **kwargs)
-    except (TypeError, ValueError) as e:  # a plugin's own conversion (float("abc")) names neither option nor method
-        given = ", ".join(f"{k}={v!r}" for k, v in cfg.dst_kwargs.items())
-        raise ValueError(f"dst {cfg.dst!r} ({updater.__name__}){f' with --dst-kwargs {given}' if given else ''}: "
-                         f"{e}") from None
-    sparse = sparse_training(masks, cfg.kernels, topology) if cfg.kernels != "masked" else None
+def build_run(cfg: TrainConfig | RunSpec, model: nn.Module, total_steps: int, peak_lr: float) -> RunObjects:
+    """Masks, optimizer chain and topology updater around an already placed ``model``, from the run's spec."""
+    spec = cfg if isinstance(cfg, RunSpec) else RunSpec.from_config(cfg, check=False)
+    if spec.dense:
+        return RunObjects(model, None, spec.optimizer.build(model, None, peak_lr), None)
+    masks = spec.masks.build(model, spec.config.seed)
+    optimizer = spec.optimizer.build(model, masks, peak_lr)
+    topology = spec.topology.build(masks, optimizer, total_steps)
+    kernels = spec.config.kernels
+    sparse = sparse_training(masks, kernels, topology) if kernels != "masked" else None
     return RunObjects(model, masks, optimizer, topology, sparse)
-
-
-def topology_options(cfg: TrainConfig, updater: type, total_steps: int, prune_score: str) -> dict[str, object]:
-    """The config keys an updater class takes, by its signature (a static updater takes none of them)."""
-    options = dict(
-        delta_t=effective_delta_t(cfg), alpha=cfg.alpha, t_end=max(1, int(cfg.t_end_fraction * total_steps)),
-        total_steps=total_steps, keep_regrown=cfg.keep_regrown, reset_optimizer_state=cfg.reset_optimizer_state,
-        skip_update=cfg.skip_update, prune_score=prune_score, seed=cfg.seed,
-        growth_gradient=cfg.growth_gradient, neuron_ablation=cfg.neuron_ablation,
-    )
-    return {k: v for k, v in options.items() if takes_keyword(updater, k)}
-

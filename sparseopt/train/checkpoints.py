@@ -9,8 +9,9 @@ import torch
 
 from ..messages import plural
 from ..runs import CHECKPOINT_FORMAT, RunFolder
-from .build import RunObjects, resolve_method
+from .build import RunObjects
 from .config import TrainConfig, config_differences
+from .spec import resolve_method
 
 
 def training_state(cfg: TrainConfig, run: RunObjects, scheduler, *, epoch: int, step: int, num_classes: int,

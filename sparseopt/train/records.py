@@ -30,12 +30,12 @@ from ..runs import (
     jsonl_lines,
     read_metrics,
 )
-from .build import effective_delta_t, resolve_method
 from .config import TrainConfig
 from .io import environment
 from .naming import method_keys, run_name
 from .run_folder import MARKER, RunLock, clear_run_folder, write_marker
 from .runtime import open_loggers
+from .spec import effective_delta_t, resolve_method
 from .stopping import Interrupted
 
 

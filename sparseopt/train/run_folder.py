@@ -177,8 +177,8 @@ class RunLock:
             self._fd = None
 
 
-def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
-    """The run folder and whether to resume from its checkpoint; refuses what would mix or lose results.
+def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool, list[str]]:
+    """The run folder, whether to resume from its checkpoint, and what to tell; refuses what would mix or lose results.
 
     Nothing is written here (a refused folder is left exactly as it was): the folder is created,
     locked, marked and (``--overwrite``) cleared when the run starts (``records.start_run_folder``).
@@ -192,11 +192,13 @@ def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
             f"--out {out} holds files that sparseopt did not write ({listing(sorted(e.name for e in out.iterdir()), 6)}; "
             f"no {MARKER} marker): sparseopt never replaces or deletes them. Choose another --out")
     checkpoint = RunFolder(out).has_checkpoint()
+    restart = [f"{out} holds a run that stopped before its first checkpoint: starting it from scratch"] * (
+        ours and content and not checkpoint and not cfg.overwrite)
     if cfg.resume:
         if checkpoint:
-            return out, True
+            return out, True, []
         if ours:  # stopped before its first checkpoint: nothing to resume, start again
-            return out, False
+            return out, False, restart
         raise ValueError(f"--resume: no checkpoint at {RunFolder(out).checkpoint_path} and no run started there; "
                          f"start it without --resume")
     if checkpoint and not cfg.overwrite:
@@ -205,7 +207,7 @@ def prepare_out_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     if foreign:
         raise ValueError(f"--out {out} is a sparseopt run folder that also holds {listing(foreign, 8)}: sparseopt does not "
                          "delete what it did not write; move them, or choose another --out")
-    return out, False  # new, or a run that stopped before its first checkpoint: the same command starts it again
+    return out, False, restart  # new, or a run that stopped before its first checkpoint: the same command starts it again
 
 
 def check_not_in_use(out: Path) -> None:

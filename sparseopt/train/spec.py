@@ -159,7 +159,7 @@ class RunSpec:
             sparseopt=dict(precondition=method["precondition"], layers=method["precondition_layers"],
                            scale_weight_decay=cfg.scale_weight_decay, scale_source=method["scale_source"],
                            scale_kwargs=dict(cfg.scale_kwargs), scale_ema=cfg.scale_ema,
-                           undamped_growth=cfg.undamped_growth))
+                           undamped_growth=cfg.undamped_growth, preset=cfg.optimizer))
         masks = topology = None
         if cfg.dst != "dense":
             masks = MaskSection(cfg.sparsity, cfg.distribution, Structure.parse(cfg.structure, cfg.nm), cfg.power_scale,
@@ -179,7 +179,7 @@ class RunSpec:
 
     def check(self) -> None:
         """Build every component once on a probe model: each refuses its own bad options, in its own words."""
-        check_model_kwargs(self.model.name, self.model.kwargs)
+        check_model_kwargs(self.model.name, self.config.model_kwargs)  # the user's own options, beside the flags'
         probe = _probe_model(self.masks.structure if self.masks is not None else None)
         masks = self.masks.build(probe, seed=0) if self.masks is not None else None
         try:
@@ -194,5 +194,5 @@ class RunSpec:
 
 def _probe_model(structure: Structure | None) -> nn.Sequential:
     """Two layers whose widths every structure accepts (inputs a multiple of an N:M pattern's M), one BatchNorm."""
-    width = 16 * (structure.groups if structure is not None and structure.groups else 1)
+    width = 16 * (structure.m if structure is not None and structure.kind == "nm" else 1)
     return nn.Sequential(nn.Linear(width, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, width))

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..runs import RunFolder
 from . import records
-from .build import build_run, effective_delta_t, make_model
+from .build import build_run, make_model
 from .checkpoints import restore, training_state
 from .config import TrainConfig
 from .data import make_loaders, with_folder_image_size
@@ -28,7 +28,7 @@ from .evaluation import evaluate
 from .monitoring import RunMonitor
 from .naming import run_name  # noqa: F401 - sparseopt.train.trainer.run_name, as before
 from .progress import Progress
-from .run_folder import has_run_content, is_run_folder, prepare_out_dir
+from .run_folder import prepare_out_dir
 from .runtime import (
     backend_flags,
     check_optional_loggers,
@@ -38,6 +38,7 @@ from .runtime import (
     wrap_for_training,
 )
 from .schedule import peak_lr, warmup_cosine_scheduler
+from .spec import RunSpec, effective_delta_t
 from .stopping import Interrupted, NonFiniteLoss, StopOnSignal, check_finite, resume_hint
 
 
@@ -46,17 +47,16 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, argv: list[str] | None = None, resume_command: str | None = None):
         cfg, size_notes = with_folder_image_size(cfg.validate())  # before the run folder compares configs
+        self.spec = RunSpec.from_config(cfg)  # every component checks its options before anything is written
         self.resume_command = resume_command  # what resumes the whole job this run is part of (a comparison)
         self.argv = list(argv) if argv is not None else list(sys.argv)  # recorded in env.json
         check_optional_loggers(cfg)
-        self.out, self.resuming = prepare_out_dir(cfg)
+        self.out, self.resuming, folder_notes = prepare_out_dir(cfg)
         self.clock = records.Stopwatch()  # training seconds over every invocation of the run
         self.device, self.env = place(cfg)
         self.recorder = records.RunRecorder(self.out, self.env.is_main)
-        self.cfg, self.notes = without_gpu_options(cfg, self.device)
-        self.notes += size_notes
-        if not self.resuming and not cfg.overwrite and is_run_folder(self.out) and has_run_content(self.out):
-            self.notes.insert(0, f"{self.out} holds a run that stopped before its first checkpoint: starting it from scratch")
+        self.cfg, gpu_notes = without_gpu_options(cfg, self.device)
+        self.notes = [*folder_notes, *gpu_notes, *size_notes]
         self.log = functools.partial(print, flush=True) if self.env.is_main else lambda msg: None  # rank 0 speaks
         self.stop = StopOnSignal(self.log)
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
@@ -72,7 +72,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         model = place_model(make_model(cfg, self.num_classes), cfg, env, self.device)
         self.peak_lr = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_batch_scaling)
-        self.objects = run = build_run(cfg, model, self.total_steps, self.peak_lr)
+        self.objects = run = build_run(self.spec, model, self.total_steps, self.peak_lr)
         self.model, self.masks, self.optimizer, self.topology = run.model, run.masks, run.optimizer, run.topology
         warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, warmup, self.peak_lr, cfg.lr_min)
