@@ -24,7 +24,7 @@ from ..train.build import build_run, make_model
 from ..train.config import TrainConfig
 from ..train.data import make_loaders
 from ..train.distributed import DistEnv
-from ..train.schedule import peak_lr, warmup_cosine_scheduler
+from ..train.spec import RunSpec
 
 METHODS = ("sgd", "sparseopt")
 
@@ -33,14 +33,13 @@ def record_directions(cfg: TrainConfig) -> list[dict]:
     """Train ``cfg`` on the CPU and return one row per (step, layer) with the cosine to the previous direction."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
-    data = make_loaders(cfg, device, DistEnv())
+    spec = RunSpec.from_config(cfg)
+    data = make_loaders(spec.data, device, DistEnv())
     train_loader = data.train
     total = cfg.epochs * len(train_loader)
     model = make_model(cfg, data.num_classes).to(device)
-    lr = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_batch_scaling)
-    run = build_run(cfg, model, total, lr)
-    warmup = round(cfg.warmup_epochs * len(train_loader))
-    sched = warmup_cosine_scheduler(run.optimizer, total, warmup, lr, cfg.lr_min)
+    run = build_run(spec, model, total, spec.schedule.peak_lr)
+    sched = spec.schedule.scheduler(run.optimizer, len(train_loader))
     masks, topology = run.masks, run.topology
     previous: dict[tuple[str, int], torch.Tensor] = {}
     before: list[torch.Tensor] = []

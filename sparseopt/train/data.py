@@ -24,6 +24,7 @@ from ..data.imagefolder import shared_image_size
 from ..messages import plural
 from .config import TrainConfig
 from .distributed import DistEnv
+from .spec import DataSection
 
 IMAGENET_CLASSES = 1000
 
@@ -68,21 +69,21 @@ def with_folder_image_size(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
                                            f"their own size, {size}px, not {DEFAULT_IMAGE_SIZE} (--image-size to change)"]
 
 
-def image_sizes(cfg: TrainConfig) -> tuple[int, int]:
+def image_sizes(data: DataSection) -> tuple[int, int]:
     """(crop size, resize size) of a folder dataset: 224 / 256 unless given; the resize keeps ImageNet's 256/224."""
-    size = cfg.image_size or DEFAULT_IMAGE_SIZE
-    return size, cfg.resize_size or round(size * 256 / 224)
+    size = data.image_size or DEFAULT_IMAGE_SIZE
+    return size, data.resize_size or round(size * 256 / 224)
 
 
-def num_classes(cfg: TrainConfig, found: int | None = None) -> int:
+def num_classes(data: DataSection, found: int | None = None) -> int:
     """The model's output count: the dataset's, or the training folder's; ``--num-classes`` overrides, checked."""
-    known = found if found is not None else DATASETS[cfg.dataset].num_classes
-    if cfg.num_classes is None:
+    known = found if found is not None else DATASETS[data.dataset].num_classes
+    if data.num_classes is None:
         return known
-    if cfg.num_classes < known:
-        raise ValueError(f"--num-classes {cfg.num_classes} is fewer than the {known} classes of the {cfg.dataset} "
+    if data.num_classes < known:
+        raise ValueError(f"--num-classes {data.num_classes} is fewer than the {known} classes of the {data.dataset} "
                          "training data: labels would fall outside the model's outputs")
-    return cfg.num_classes
+    return data.num_classes
 
 
 # Below this crop size a folder's images are small (digits, characters, CIFAR-like): ImageNet's recipe is
@@ -91,44 +92,44 @@ def num_classes(cfg: TrainConfig, found: int | None = None) -> int:
 SMALL_IMAGES = 96
 
 
-def augment_preset(cfg: TrainConfig) -> str:
+def augment_preset(data: DataSection) -> str:
     """The ``--augment`` preset of the run (``auto``: the dataset's own; folders: ImageNet's, or none when small)."""
-    if cfg.augment != "auto":
-        return cfg.augment
-    known = DATASETS[cfg.dataset].augment
-    return known if known is not None else ("imagenet" if image_sizes(cfg)[0] >= SMALL_IMAGES else "none")
+    if data.augment != "auto":
+        return data.augment
+    known = DATASETS[data.dataset].augment
+    return known if known is not None else ("imagenet" if image_sizes(data)[0] >= SMALL_IMAGES else "none")
 
 
-def normalize_mode(cfg: TrainConfig) -> str:
+def normalize_mode(data: DataSection) -> str:
     """``--normalize`` (``auto``: the named dataset's statistics; a generic folder's own, computed)."""
-    if cfg.normalize != "auto":
-        return cfg.normalize
-    return "computed" if cfg.dataset == "imagefolder" else "dataset"
+    if data.normalize != "auto":
+        return data.normalize
+    return "computed" if data.dataset == "imagefolder" else "dataset"
 
 
-def statistics_note(cfg: TrainConfig, mean, std) -> str | None:
+def statistics_note(data: DataSection, mean, std) -> str | None:
     """A warning when data read as a named dataset does not have its statistics (another dataset in its format)."""
-    info = DATASETS[cfg.dataset]
+    info = DATASETS[data.dataset]
     # A mean 0.02 away (MNIST 0.131, KMNIST 0.19) or a std 8% away; two datasets of one format differ by more.
     off = max(max(abs(a - b) for a, b in zip(mean, info.mean)), max(abs(a - b) / b for a, b in zip(std, info.std)) / 4)
     if off < 0.02:
         return None
     fmt = lambda v: "/".join(f"{x:.3f}" for x in v)  # noqa: E731
-    return (f"WARNING: the {cfg.dataset} training images in {cfg.data_dir} have mean {fmt(mean)} and std {fmt(std)}, "
-            f"{cfg.dataset}'s are {fmt(info.mean)} and {fmt(info.std)}: they look like another dataset in the same "
+    return (f"WARNING: the {data.dataset} training images in {data.data_dir} have mean {fmt(mean)} and std {fmt(std)}, "
+            f"{data.dataset}'s are {fmt(info.mean)} and {fmt(info.std)}: they look like another dataset in the same "
             "format, normalised here with the wrong statistics; --normalize computed uses their own")
 
 
-def subset_note(cfg: TrainConfig, found: int) -> str | None:
-    if cfg.train_subset is not None and cfg.train_subset > found:
-        return (f"--train-subset {cfg.train_subset} is more than the {found} training examples of {cfg.dataset}: "
+def subset_note(data: DataSection, found: int) -> str | None:
+    if data.train_subset is not None and data.train_subset > found:
+        return (f"--train-subset {data.train_subset} is more than the {found} training examples of {data.dataset}: "
                 f"all {found} are used")
     return None
 
 
-def normalization(cfg: TrainConfig, measured) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
+def normalization(data: DataSection, measured) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, Any]]:
     """(mean, std, record) that the run normalises with; ``measured()`` gives the training data's own."""
-    info, mode = DATASETS[cfg.dataset], normalize_mode(cfg)
+    info, mode = DATASETS[data.dataset], normalize_mode(data)
     if mode == "dataset":
         mean, std = info.mean, info.std
         record = {"normalize": mode, "mean": list(mean), "std": list(std)}
@@ -141,57 +142,57 @@ def normalization(cfg: TrainConfig, measured) -> tuple[tuple[float, ...], tuple[
     return tuple(mean), tuple(std), record
 
 
-def describe(cfg: TrainConfig, augment: str, record: dict[str, Any]) -> str:
+def describe(data: DataSection, augment: str, record: dict[str, Any]) -> str:
     """The log line saying which augmentation and normalization the run uses."""
     stats = "" if "mean" not in record else " (mean {}, std {})".format(
         "/".join(f"{v:.4f}" for v in record["mean"]), "/".join(f"{v:.4f}" for v in record["std"]))
-    source = {"dataset": f"{cfg.dataset}'s statistics", "computed": "computed from the training images",
+    source = {"dataset": f"{data.dataset}'s statistics", "computed": "computed from the training images",
               "none": "pixels / 255 only"}[record["normalize"]]
     return f"data: augmentation {augment} ({AUGMENTS[augment]}); normalization {source}{stats}"
 
 
-def make_loaders(cfg: TrainConfig, device: torch.device, env: DistEnv) -> RunData:
-    batch = cfg.batch_size // env.world_size
-    common = dict(seed=cfg.seed, device=device, rank=env.rank, world_size=env.world_size, channels_last=cfg.channels_last)
-    if cfg.dataset in FOLDER_DATASETS:
-        return _folder_loaders(cfg, batch, common, env)
-    if cfg.download and env.is_main:
-        download_dataset(cfg.dataset, cfg.data_dir)
+def make_loaders(data: DataSection, device: torch.device, env: DistEnv) -> RunData:
+    batch = data.batch_size // env.world_size
+    common = dict(seed=data.seed, device=device, rank=env.rank, world_size=env.world_size, channels_last=data.channels_last)
+    if data.dataset in FOLDER_DATASETS:
+        return _folder_loaders(data, batch, common, env)
+    if data.download and env.is_main:
+        download_dataset(data.dataset, data.data_dir)
     if env.enabled:
         torch.distributed.barrier()
-    images, labels = load_tensors(cfg.dataset, cfg.data_dir, train=True)
-    notes = [n for n in (subset_note(cfg, len(labels)),
-                         statistics_note(cfg, *pixel_statistics(images)[:2]) if cfg.dataset != "bundled_mnist" else None) if n]
-    xtr, ytr = subset(images, labels, cfg.train_subset)
-    xte, yte = subset(*load_tensors(cfg.dataset, cfg.data_dir, train=False), cfg.test_subset)
-    mean, std, record = normalization(cfg, lambda: pixel_statistics(xtr))
-    augment = augment_preset(cfg)
+    images, labels = load_tensors(data.dataset, data.data_dir, train=True)
+    notes = [n for n in (subset_note(data, len(labels)),
+                         statistics_note(data, *pixel_statistics(images)[:2]) if data.dataset != "bundled_mnist" else None) if n]
+    xtr, ytr = subset(images, labels, data.train_subset)
+    xte, yte = subset(*load_tensors(data.dataset, data.data_dir, train=False), data.test_subset)
+    mean, std, record = normalization(data, lambda: pixel_statistics(xtr))
+    augment = augment_preset(data)
     train = DeviceLoader(xtr, ytr, batch, train=True, augment=augment, mean=mean, std=std, **common)
-    test = DeviceLoader(xte, yte, cfg.eval_batch_size, train=False, mean=mean, std=std, **common)
+    test = DeviceLoader(xte, yte, data.eval_batch_size, train=False, mean=mean, std=std, **common)
     if len(train) == 0:
         raise ValueError(f"the training set has {train.num_samples} examples per rank, fewer than one batch of {batch}")
-    return RunData(train, test, num_classes(cfg), [describe(cfg, augment, record), *notes],
-                   class_names=CLASS_NAMES.get(cfg.dataset), facts={"augment": augment, **record})
+    return RunData(train, test, num_classes(data), [describe(data, augment, record), *notes],
+                   class_names=CLASS_NAMES.get(data.dataset), facts={"augment": augment, **record})
 
 
-def _folder_loaders(cfg: TrainConfig, batch: int, common: dict, env: DistEnv) -> RunData:
-    size, resize = image_sizes(cfg)
-    workers = cfg.workers if cfg.workers is not None else default_workers(env)
-    augment = augment_preset(cfg)
-    kw = dict(workers=workers, image_size=size, resize=resize, name=cfg.dataset, augment=augment, **common)
-    info = DATASETS[cfg.dataset]
-    train = imagefolder_loader(cfg.data_dir, True, batch, subset=cfg.train_subset, mean=info.mean, std=info.std, **kw)
-    mean, std, record = normalization(cfg, train.dataset.pixel_statistics)
-    train.normalize = Normalize(mean, std, train.device, cfg.channels_last)
+def _folder_loaders(data: DataSection, batch: int, common: dict, env: DistEnv) -> RunData:
+    size, resize = image_sizes(data)
+    workers = data.workers if data.workers is not None else default_workers(env)
+    augment = augment_preset(data)
+    kw = dict(workers=workers, image_size=size, resize=resize, name=data.dataset, augment=augment, **common)
+    info = DATASETS[data.dataset]
+    train = imagefolder_loader(data.data_dir, True, batch, subset=data.train_subset, mean=info.mean, std=info.std, **kw)
+    mean, std, record = normalization(data, train.dataset.pixel_statistics)
+    train.normalize = Normalize(mean, std, train.device, data.channels_last)
     classes = train.dataset.class_to_idx  # one map, from the training folder; val uses it
-    if cfg.dataset == "imagenet" and len(classes) != IMAGENET_CLASSES:
-        raise DatasetError(f"imagenet: {cfg.data_dir}/train has {len(classes)} class folders, ImageNet has "
+    if data.dataset == "imagenet" and len(classes) != IMAGENET_CLASSES:
+        raise DatasetError(f"imagenet: {data.data_dir}/train has {len(classes)} class folders, ImageNet has "
                            f"{IMAGENET_CLASSES}; use --dataset imagefolder for other folder datasets")
-    test = imagefolder_loader(cfg.data_dir, False, cfg.eval_batch_size, subset=cfg.test_subset, class_to_idx=classes,
+    test = imagefolder_loader(data.data_dir, False, data.eval_batch_size, subset=data.test_subset, class_to_idx=classes,
                               mean=mean, std=std, **kw)
-    notes = [f"{cfg.dataset}: {plural(len(classes), 'class')} from {cfg.data_dir}/train, images {size}px "
-             f"(resize {resize}), {plural(workers, 'decoding worker')}", describe(cfg, augment, record)]
-    notes += [n for n in (subset_note(cfg, train.dataset.total),) if n]
+    notes = [f"{data.dataset}: {plural(len(classes), 'class')} from {data.data_dir}/train, images {size}px "
+             f"(resize {resize}), {plural(workers, 'decoding worker')}", describe(data, augment, record)]
+    notes += [n for n in (subset_note(data, train.dataset.total),) if n]
     missing = test.dataset.missing_classes
     if missing:
         notes.append(f"WARNING: {plural(len(missing), 'training class', 'training classes')} "
@@ -199,5 +200,5 @@ def _folder_loaders(cfg: TrainConfig, batch: int, common: dict, env: DistEnv) ->
                      f"({missing[:5]}{' ...' if len(missing) > 5 else ''}); their labels are unchanged")
     if len(train) == 0:
         raise ValueError(f"the training set has {train.num_samples} examples per rank, fewer than one batch of {batch}")
-    return RunData(train, test, num_classes(cfg, len(classes)), notes, class_names=list(train.dataset.classes),
+    return RunData(train, test, num_classes(data, len(classes)), notes, class_names=list(train.dataset.classes),
                    facts={"augment": augment, **record})

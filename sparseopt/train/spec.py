@@ -9,19 +9,21 @@ is what a run is built from:
 * ``topology``: a :class:`TopologySection` with the updater *class* (``Static``, ``SET``, ``RigL`` or a
   plugin's) and its options, or None for a dense run;
 * ``optimizer``: an :class:`OptimizerSection` with the preset and the options of SGD, HAM and SparseOpt,
-  every ``auto`` resolved by the preset.
+  every ``auto`` resolved by the preset;
+* ``data`` (:class:`DataSection`, all the data pipeline reads) and ``schedule`` (:class:`ScheduleSection`:
+  epochs, the learning-rate schedule, label smoothing).
 
 A rule about a component's options is written once, in that component's constructor. The sections are
 checked by building the components once on a probe model (two small layers; a few microseconds), so
 ``alpha``, ``delta_t``, ``neuron_ablation``, ``scale_ema``, ``max_grad_norm``, the N:M rule, HAM's and a
 plugin's own options are refused with the component's own words before anything runs or is written.
-The data pipeline, the schedule and the runtime options are read from the flat config, whose own checks
-are the only ones they have.
+Data, schedule and runtime keys have no component that checks them: the flat config's own checks are theirs,
+and the runtime keys (device, logging, folders) are read from it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -37,6 +39,7 @@ from ..registry import check_keywords, takes_keyword
 from ..runs import ModelSpec
 from ..topology import DST_METHODS, TopologyUpdater
 from .config import TrainConfig
+from .schedule import peak_lr, warmup_cosine_scheduler
 
 # The updater options the config sets itself, and the flag that sets each: not allowed in dst_kwargs.
 TOPOLOGY_FLAGS = {"delta_t": "--delta-t", "alpha": "--alpha", "t_end": "--t-end-fraction", "total_steps": "--epochs",
@@ -58,6 +61,60 @@ def effective_delta_t(cfg: TrainConfig) -> int:
     if cfg.delta_t_batch is None:
         return cfg.delta_t
     return max(1, round(cfg.delta_t * cfg.delta_t_batch / cfg.batch_size))
+
+
+def _keys(section: type, cfg: TrainConfig) -> dict[str, Any]:
+    """The config values a section's fields name (a section's fields are config keys)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(section)}
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """What the data pipeline reads (:func:`sparseopt.train.data.make_loaders` reads nothing else)."""
+
+    dataset: str
+    data_dir: str | None
+    download: bool
+    train_subset: int | None
+    test_subset: int | None
+    num_classes: int | None
+    image_size: int | None
+    resize_size: int | None
+    augment: str
+    normalize: str
+    workers: int | None
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    channels_last: bool
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> DataSection:
+        return cls(**_keys(cls, cfg))
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    """How long and how fast: epochs, the learning-rate schedule (warmup, cosine) and the loss's smoothing."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_batch_scaling: bool
+    lr_min: float
+    warmup_epochs: float
+    label_smoothing: float
+
+    @property
+    def peak_lr(self) -> float:
+        return peak_lr(self.lr, self.batch_size, self.lr_batch_scaling)
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        return round(self.warmup_epochs * steps_per_epoch)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+        return warmup_cosine_scheduler(optimizer, self.epochs * steps_per_epoch, self.warmup_steps(steps_per_epoch),
+                                       self.peak_lr, self.lr_min)
 
 
 @dataclass(frozen=True)
@@ -139,10 +196,12 @@ class RunSpec:
     """A run, as the sections it is built from; ``config`` is the flat record it came from (names, files)."""
 
     config: TrainConfig
+    data: DataSection
     model: ModelSpec
     masks: MaskSection | None
     topology: TopologySection | None
     optimizer: OptimizerSection
+    schedule: ScheduleSection
 
     @property
     def dense(self) -> bool:
@@ -172,7 +231,8 @@ class RunSpec:
                            prune_score=method["prune_score"], seed=cfg.seed, growth_gradient=cfg.growth_gradient,
                            neuron_ablation=cfg.neuron_ablation)
             topology = TopologySection(cfg.dst, updater, options, cfg.t_end_fraction, dict(cfg.dst_kwargs))
-        spec = cls(cfg, ModelSpec.from_config(cfg.to_dict()), masks, topology, optimizer)
+        spec = cls(cfg, DataSection.of(cfg), ModelSpec.from_config(cfg.to_dict()), masks, topology, optimizer,
+                   ScheduleSection(**_keys(ScheduleSection, cfg)))
         if check:
             spec.check()
         return spec

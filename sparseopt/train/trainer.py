@@ -37,7 +37,6 @@ from .runtime import (
     without_gpu_options,
     wrap_for_training,
 )
-from .schedule import peak_lr, warmup_cosine_scheduler
 from .spec import RunSpec, effective_delta_t
 from .stopping import Interrupted, NonFiniteLoss, StopOnSignal, check_finite, resume_hint
 
@@ -47,7 +46,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, argv: list[str] | None = None, resume_command: str | None = None):
         cfg, size_notes = with_folder_image_size(cfg.validate())  # before the run folder compares configs
-        self.spec = RunSpec.from_config(cfg)  # every component checks its options before anything is written
         self.resume_command = resume_command  # what resumes the whole job this run is part of (a comparison)
         self.argv = list(argv) if argv is not None else list(sys.argv)  # recorded in env.json
         check_optional_loggers(cfg)
@@ -56,6 +54,7 @@ class Trainer:
         self.device, self.env = place(cfg)
         self.recorder = records.RunRecorder(self.out, self.env.is_main)
         self.cfg, gpu_notes = without_gpu_options(cfg, self.device)
+        self.spec = RunSpec.from_config(self.cfg)  # every component checks its options before anything is written
         self.notes = [*folder_notes, *gpu_notes, *size_notes]
         self.log = functools.partial(print, flush=True) if self.env.is_main else lambda msg: None  # rank 0 speaks
         self.stop = StopOnSignal(self.log)
@@ -64,23 +63,23 @@ class Trainer:
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)
-        self.data = data = make_loaders(cfg, self.device, env)
+        self.data = data = make_loaders(self.spec.data, self.device, env)
         self.train_loader, self.test_loader, self.num_classes, self.class_names = (data.train, data.test, data.num_classes,
                                                                                    data.class_names)
         self.notes.extend(data.notes)
         self.steps_per_epoch = len(self.train_loader)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        schedule = self.spec.schedule
+        self.total_steps = schedule.epochs * self.steps_per_epoch
         model = place_model(make_model(cfg, self.num_classes), cfg, env, self.device)
-        self.peak_lr = peak_lr(cfg.lr, cfg.batch_size, cfg.lr_batch_scaling)
-        self.objects = run = build_run(self.spec, model, self.total_steps, self.peak_lr)
+        self.objects = run = build_run(self.spec, model, self.total_steps, schedule.peak_lr)
         self.model, self.masks, self.optimizer, self.topology = run.model, run.masks, run.optimizer, run.topology
-        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, warmup, self.peak_lr, cfg.lr_min)
+        self.scheduler = schedule.scheduler(self.optimizer, self.steps_per_epoch)
         self.forward_model = wrap_for_training(model, self.masks, self.env, self.device, cfg)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=schedule.label_smoothing)
         self.epoch, self.step, self.epoch_records = 0, 0, None
         self.monitor = RunMonitor(run, self.criterion, self.autocast, effective_delta_t(cfg), cfg.monitor)
-        self.notes += records.schedule_warnings(cfg, self.total_steps, warmup, self.topology)
+        self.notes += records.schedule_warnings(cfg, self.total_steps, schedule.warmup_steps(self.steps_per_epoch),
+                                                self.topology)
         if self.resuming:
             self.load(RunFolder(self.out).checkpoint_path)
 
@@ -182,7 +181,7 @@ class Trainer:
 
     def start_run_folder(self) -> None:
         """Lock the run folder and write its header (rank 0), then say what the run will do."""
-        facts = records.run_facts(self.cfg, self.steps_per_epoch, self.total_steps, self.peak_lr, self.topology, self.data,
+        facts = records.run_facts(self.cfg, self.steps_per_epoch, self.total_steps, self.spec.schedule.peak_lr, self.topology, self.data,
                                   self.objects.sparse)
         self.recorder.start(self.cfg, self.device, self.env.world_size, self.argv, resuming=self.resuming,
                             epoch=self.epoch, notes=self.notes, run_facts=facts,
