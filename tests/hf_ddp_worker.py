@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_models import Tokens, gpt2, training_args  # noqa: E402
+from hf_models import Tokens, bert, gpt2, training_args  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from sparseopt.integrations.huggingface import SparseTrainingCallback  # noqa: E402
@@ -14,9 +14,10 @@ from sparseopt.integrations.huggingface import SparseTrainingCallback  # noqa: E
 
 def main(out: str) -> None:
     callback = SparseTrainingCallback(sparsity=0.9, dst=sys.argv[2], delta_t=3)
-    model = gpt2()
+    model = bert() if sys.argv[3] == "bert" else gpt2()
     args = training_args(out, max_steps=12, per_device_train_batch_size=8, ddp_backend="gloo", save_steps=100)
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
+    data = Tokens(task="cls" if sys.argv[3] == "bert" else "lm")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
     rank = args.process_index
     torch.save({"masks": [m.clone() for m in callback.masks.masks], "updates": callback.topology.num_updates,

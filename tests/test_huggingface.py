@@ -159,6 +159,27 @@ def test_save_pretrained_loads_anywhere_with_equal_outputs_and_the_callback_resu
     assert (tmp_path / "run" / "checkpoint-10" / STATE_FILE).is_file()
 
 
+def test_bert_resumes_bit_exactly_and_saves_a_model_that_loads_anywhere(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    reference, sparse = bert(), SparseTrainingCallback(sparsity=0.9, dst="rigl", delta_t=3)
+    train(reference, tmp_path / "a", sparse, task="cls")
+    model, again = bert(seed=1), SparseTrainingCallback(sparsity=0.9, dst="rigl", delta_t=3)
+    where = str(tmp_path / "a" / "checkpoint-10")
+    train(model, tmp_path / "b", again, task="cls", resume_from_checkpoint=where)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[key]), key
+    assert again.masks.checksum() == sparse.masks.checksum() and again.topology.num_updates == 4
+    sparse.save_pretrained(tmp_path / "saved")
+    loaded = BertForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    tokens = Tokens(task="cls").x[:4]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, reference.eval()(tokens).logits, rtol=0, atol=0)
+    third = SparseTrainingCallback(sparsity=0.9)
+    Trainer(model=loaded, args=training_args(tmp_path / "c"), callbacks=[third])
+    assert all(torch.equal(a, b) for a, b in zip(third.masks.masks, sparse.masks.masks))
+
+
 def test_load_best_model_at_end_gets_that_checkpoints_masks(tmp_path):
     sparse = SparseTrainingCallback(sparsity=0.9, dst="set", delta_t=2)
     model = gpt2()
@@ -173,11 +194,11 @@ def test_load_best_model_at_end_gets_that_checkpoints_masks(tmp_path):
     assert all(not w[~m].any() for w, m in zip(sparse.masks.weights, sparse.masks.masks))
 
 
-@pytest.mark.parametrize("dst", ["rigl", "set"])
-def test_ddp_through_the_trainer_keeps_masks_and_weights_equal_across_ranks(tmp_path, dst):
+@pytest.mark.parametrize("dst, model", [("rigl", "gpt2"), ("set", "gpt2"), ("rigl", "bert")])
+def test_ddp_through_the_trainer_keeps_masks_and_weights_equal_across_ranks(tmp_path, dst, model):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "hf_ddp_worker.py"), str(tmp_path), dst]
+           str(REPO / "tests" / "hf_ddp_worker.py"), str(tmp_path), dst, model]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -68,3 +68,14 @@ def test_every_config_file_builds_a_checked_run_spec(path):
 def test_every_sweep_file_expands_to_checked_runs(path, tmp_path):
     runs = grid.expand(grid.load_sweep(path), tmp_path)
     assert runs and all(RunSpec.from_config(r.config, check=False).model.name == r.config.model for r in runs)
+
+
+def test_this_version_trains_the_previous_release_s_run_to_the_same_numbers(tmp_path):
+    """The refactors of issue 28 change no number: the same config trains to the same losses and accuracy."""
+    completed = FIXTURES / "completed"
+    assert main(["train", "--config", str(completed / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    new, old = RunFolder(tmp_path / "again"), RunFolder(completed)
+    for ours, theirs in zip(new.metrics(), old.metrics(), strict=True):
+        assert (ours["train_loss"], ours["test_loss"], ours["test_acc"]) == (
+            theirs["train_loss"], theirs["test_loss"], theirs["test_acc"])
+    assert new.results()["final"] == old.results()["final"]

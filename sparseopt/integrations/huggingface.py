@@ -40,7 +40,7 @@ from torch import nn
 
 from ..masks.maskset import SPARSIFIABLE_TYPES, MaskSet
 from .extras import require
-from .session import Patterns, SparseSession, innermost_optimizer
+from .session import SessionCallback, SparseSession, innermost_optimizer
 
 transformers = require("transformers", "hf", "sparseopt.integrations.huggingface")
 from transformers import TrainerCallback  # noqa: E402
@@ -107,53 +107,20 @@ def _saved_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor] |
                          "or delete config.sparsity_config to draw new masks") from None
 
 
-class SparseTrainingCallback(TrainerCallback):
+class SparseTrainingCallback(SessionCallback, TrainerCallback):
     """Train the Trainer's model sparse: masks, a topology updater (RigL, SET, static) and SparseOpt.
 
-    Args:
-        sparsity: global sparsity in [0, 1) over the masked layers.
-        distribution: ``"erk"`` (default), ``"er"``, ``"uniform"`` or a registered one.
-        structure / nm: ``"unstructured"`` (default), ``"constant_fan_in"``, or ``"nm"`` with ``nm="2:4"``
-            (not for GPT-2's Conv1D layers, which store their weight transposed).
-        dst: ``"rigl"`` (default), ``"set"``, ``"static"``, a plugin's name, or a ``TopologyUpdater`` subclass.
-        delta_t, alpha, t_end_fraction: the update period (optimizer steps), the initial drop fraction and
-            the share of training after which the masks stop changing.
-        precondition, scale_source: SparseOpt's options. Layers that feed a LayerNorm (every transformer)
-            have no skew to cancel, so nothing is preconditioned there (docs/results.md); the log says so once.
-        targets, ignore: regular expressions (``re.search`` on layer names) that choose the masked layers
-            instead of the default (every Linear inside the model's blocks: embeddings, heads and norms
-            stay dense), and that remove layers.
-        seed: seeds the masks and SET's growth (the same on every rank).
-        dst_kwargs: further options of the DST method's constructor.
-
-    Attributes:
-        masks: the :class:`~sparseopt.MaskSet` once the Trainer is built.
-        topology, optimizer: the updater and the SparseOpt wrapper once training begins.
+    The arguments and attributes are :class:`~sparseopt.integrations.session.SessionCallback`'s. The
+    default layers are every Linear (and GPT-2's ``Conv1D``) inside the model's blocks: embeddings,
+    heads (``lm_head``, ``classifier``, a pooler) and norms stay dense. Structured masks need (out, in)
+    weights, so not GPT-2's ``Conv1D``, which stores its weight transposed.
     """
 
-    def __init__(self, sparsity: float = 0.9, *, distribution: str = "erk", structure: str = "unstructured",
-                 nm: str | None = None, dst: Any = "rigl", delta_t: int = 100, alpha: float = 0.3,
-                 t_end_fraction: float = 0.75, precondition: bool = True, scale_source: str = "bn_stats",
-                 targets: Patterns = None, ignore: Patterns = None, seed: int = 0,
-                 dst_kwargs: Mapping[str, Any] | None = None):
-        self.session = SparseSession(
-            sparsity, distribution=distribution, structure=structure, nm=nm, dst=dst, delta_t=delta_t, alpha=alpha,
-            t_end_fraction=t_end_fraction, precondition=precondition, scale_source=scale_source, targets=targets,
-            ignore=ignore, seed=seed, dst_kwargs=dst_kwargs, types=HF_TYPES)
+    layer_types = HF_TYPES
+
+    def start(self) -> None:
         self._handles: list = []
         self._run = uuid.uuid4().hex  # with the step, names the state file each checkpoint's trainer_state.json goes with
-
-    @property
-    def masks(self) -> MaskSet | None:
-        return self.session.masks
-
-    @property
-    def topology(self):
-        return self.session.topology
-
-    @property
-    def optimizer(self):
-        return self.session.optimizer
 
     # -- the Trainer's events ------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):

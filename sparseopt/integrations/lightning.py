@@ -27,9 +27,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ..masks.maskset import MaskSet
 from .extras import require
-from .session import Patterns, SparseSession, innermost_optimizer
+from .session import SessionCallback, innermost_optimizer
 
 pl = require("lightning.pytorch", "lightning", "sparseopt.integrations.lightning")
 
@@ -37,37 +36,17 @@ logger = logging.getLogger("sparseopt")
 CHECKPOINT_KEY = "sparseopt"
 
 
-class SparseTraining(pl.Callback):
+class SparseTraining(SessionCallback, pl.Callback):
     """Train a LightningModule sparse: masks, a topology updater (RigL, SET, static) and SparseOpt.
 
-    The arguments are those of :class:`sparseopt.integrations.huggingface.SparseTrainingCallback`.
-    The default layers are the Linear and Conv layers inside the module's blocks (an ``nn.ModuleList``
-    or ``nn.Sequential``); ``targets=`` / ``ignore=`` choose others. One optimizer per module.
+    The arguments and attributes are :class:`~sparseopt.integrations.session.SessionCallback`'s. The
+    default layers are the Linear and Conv layers inside the module's blocks (an ``nn.ModuleList`` or
+    ``nn.Sequential``); ``targets=`` / ``ignore=`` choose others. One optimizer per module.
     """
 
-    def __init__(self, sparsity: float = 0.9, *, distribution: str = "erk", structure: str = "unstructured",
-                 nm: str | None = None, dst: Any = "rigl", delta_t: int = 100, alpha: float = 0.3,
-                 t_end_fraction: float = 0.75, precondition: bool = True, scale_source: str = "bn_stats",
-                 targets: Patterns = None, ignore: Patterns = None, seed: int = 0,
-                 dst_kwargs: Mapping[str, Any] | None = None):
-        self.session = SparseSession(
-            sparsity, distribution=distribution, structure=structure, nm=nm, dst=dst, delta_t=delta_t, alpha=alpha,
-            t_end_fraction=t_end_fraction, precondition=precondition, scale_source=scale_source, targets=targets,
-            ignore=ignore, seed=seed, dst_kwargs=dst_kwargs)
+    def start(self) -> None:
         self._restored: Mapping[str, Any] | None = None
         self._handle = None
-
-    @property
-    def masks(self) -> MaskSet | None:
-        return self.session.masks
-
-    @property
-    def topology(self):
-        return self.session.topology
-
-    @property
-    def optimizer(self):
-        return self.session.optimizer
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":

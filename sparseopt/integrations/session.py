@@ -279,3 +279,55 @@ class SparseSession:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"{path} is not a sparseopt session state")
         return state
+
+
+class SessionCallback:
+    """The arguments, the session and the attributes both framework callbacks share (a mix-in of each).
+
+    Args:
+        sparsity: global sparsity in [0, 1) over the masked layers.
+        distribution: ``"erk"`` (default), ``"er"``, ``"uniform"`` or a registered one.
+        structure / nm: ``"unstructured"`` (default), ``"constant_fan_in"``, or ``"nm"`` with ``nm="2:4"``.
+        dst: ``"rigl"`` (default), ``"set"``, ``"static"``, a plugin's name, or a ``TopologyUpdater`` subclass.
+        delta_t, alpha, t_end_fraction: the update period (optimizer steps), the initial drop fraction and
+            the share of training after which the masks stop changing.
+        precondition, scale_source: SparseOpt's options. Layers that feed a LayerNorm (every transformer)
+            have no skew to cancel, so nothing is preconditioned there (docs/results.md); the log says so once.
+        targets, ignore: regular expressions (``re.search`` on layer names) that choose the masked layers
+            instead of the default (:func:`target_layers`: the layers inside the model's blocks), and that
+            remove layers.
+        seed: seeds the masks and SET's growth (the same on every rank).
+        dst_kwargs: further options of the DST method's constructor.
+
+    Attributes:
+        masks: the :class:`~sparseopt.MaskSet` once the model is masked.
+        topology, optimizer: the updater and the SparseOpt wrapper once training begins.
+    """
+
+    layer_types: tuple[type[nn.Module], ...] = SPARSIFIABLE_TYPES  # the module types a layer to mask may be
+
+    def __init__(self, sparsity: float = 0.9, *, distribution: str = "erk", structure: str = "unstructured",
+                 nm: str | None = None, dst: str | type[TopologyUpdater] = "rigl", delta_t: int = 100,
+                 alpha: float = 0.3, t_end_fraction: float = 0.75, precondition: bool = True,
+                 scale_source: str = "bn_stats", targets: Patterns = None, ignore: Patterns = None, seed: int = 0,
+                 dst_kwargs: Mapping[str, Any] | None = None):
+        self.session = SparseSession(
+            sparsity, distribution=distribution, structure=structure, nm=nm, dst=dst, delta_t=delta_t, alpha=alpha,
+            t_end_fraction=t_end_fraction, precondition=precondition, scale_source=scale_source, targets=targets,
+            ignore=ignore, seed=seed, dst_kwargs=dst_kwargs, types=self.layer_types)
+        self.start()
+
+    def start(self) -> None:
+        """A subclass's own attributes (instead of an ``__init__`` that would hide the arguments' signature)."""
+
+    @property
+    def masks(self) -> MaskSet | None:
+        return self.session.masks
+
+    @property
+    def topology(self) -> TopologyUpdater | None:
+        return self.session.topology
+
+    @property
+    def optimizer(self) -> SparseOpt | None:
+        return self.session.optimizer

@@ -63,12 +63,18 @@ class SparseMomentum(DSTUpdater):
 
 
 class QuarterPowerFanIn(ScaleSource):
-    """``c_i = (n_i / n_avg) ** 0.25``: half the paper's correction, in log space."""
+    """``c_i = (n_i / n_avg) ** power``: by default 0.25, half the paper's correction in log space.
+
+    ``power`` is an option (``SparseOpt(scale_kwargs={"power": 0.5})``, ``--scale-kwargs power=0.5``).
+    """
 
     name = "fan_in_quarter"
 
+    def __init__(self, power: float = 0.25):
+        self.power = float(power)
+
     def scales(self, inputs, process_group=None):
-        return [x.fan_in.sqrt() for x in inputs]
+        return [x.fan_in_scale.pow(2 * self.power) for x in inputs]  # fan_in_scale is (n_i / n_avg) ** 0.5
 
 
 def vgg_bn(num_classes: int = 10, in_shape=(3, 32, 32), width: int = 32) -> nn.Module:
