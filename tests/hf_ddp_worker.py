@@ -23,6 +23,9 @@ def main(out: str) -> None:
     torch.save({"masks": [m.clone() for m in callback.masks.masks], "updates": callback.topology.num_updates,
                 "world": args.world_size, "model": {k: v.clone() for k, v in model.state_dict().items()}},
                Path(out) / f"rank{rank}.pt")
+    if torch.distributed.is_initialized():  # a process group left to interpreter exit can abort (gloo's threads)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
