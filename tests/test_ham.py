@@ -117,7 +117,7 @@ def test_ham_reads_scheduled_lr_and_round_trips_state():
     fresh = sparseopt.HAM(torch.optim.SGD([p], lr=1.0), alpha=0.0, beta=1.0)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert fresh.param_groups[0]["lr"] == 0.5
-    with pytest.raises(ValueError, match="HAM alpha must be >= 0"):
+    with pytest.raises(ValueError, match="HAM alpha must be a finite number >= 0"):
         sparseopt.HAM(torch.optim.SGD([p], lr=1.0), alpha=-1.0)
 
 

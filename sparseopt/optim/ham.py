@@ -36,6 +36,7 @@ reports ``beta = 16e-3`` for CIFAR-100 (reported, not verified by us).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -106,8 +107,8 @@ class HAM(OptimizerWrapper):
     ):
         super().__init__(base)
         for name, value in (("alpha", alpha), ("beta", beta)):
-            if not value >= 0:
-                raise ValueError(f"HAM {name} must be >= 0, got {value!r}")
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"HAM {name} must be a finite number >= 0, got {value!r}")
         if not clamp > 0:
             raise ValueError(f"HAM clamp must be positive, got {clamp!r}")
         for name, value in (("max_weight_norm", max_weight_norm), ("max_grad_norm", max_grad_norm)):

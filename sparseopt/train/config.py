@@ -217,7 +217,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 or none, got {v!r}")
-        for name in ("lr", "ham_alpha", "ham_beta", "weight_decay", "momentum", "warmup_epochs", "lr_min"):
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "lr_min"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
