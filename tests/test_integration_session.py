@@ -92,3 +92,17 @@ def test_the_session_state_round_trips_and_refuses_foreign_files(tmp_path):
     (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be loaded safely"):
         SparseSession.read(tmp_path / "damaged.pt")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"alpha": 2.0}, r"dst 'rigl' \(RigL\): alpha \(initial drop fraction\) must be in \[0, 1\], got 2.0"),
+    ({"delta_t": 0}, r"delta_t must be a positive integer, got 0"),
+    ({"scale_source": "nope"}, r"unknown scale source 'nope'"),
+    ({"distribution": "erl"}, r"unknown distribution 'erl'"),
+    ({"sparsity": 0.9, "structure": "nm", "nm": "2:4"}, r"structure 2:4 fixes the sparsity at 0.5; got sparsity=0.9"),
+    ({"dst": "set", "dst_kwargs": {"sed": 1}}, r"takes no option 'sed'"),
+])
+def test_each_component_refuses_its_own_bad_option_when_the_session_is_made(options, message):
+    """The session checks nothing itself that a component checks: it builds them once on a probe model."""
+    with pytest.raises(ValueError, match=message):
+        SparseSession(**{"sparsity": 0.9, **options})

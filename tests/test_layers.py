@@ -13,7 +13,7 @@ UPPER = ("train", "cli", "sweep", "analysis", "integrations")
 FORBIDDEN = {
     "files": UPPER + ("deploy",), "registry": UPPER + ("deploy",), "feeds": UPPER + ("deploy",),
     "figures": UPPER + ("deploy",), "timing": UPPER + ("deploy",), "messages": UPPER + ("deploy",),
-    "runs": UPPER + ("deploy",),
+    "runs": UPPER + ("deploy",), "probe": UPPER + ("deploy",),
     "masks": UPPER + ("deploy",), "topology": UPPER + ("deploy",), "optim": UPPER + ("deploy",),
     "models": UPPER + ("deploy",), "data": UPPER + ("deploy",), "native": UPPER + ("deploy",),
     "training_kernels": UPPER + ("deploy",),

@@ -21,16 +21,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
+from torch.optim import SGD, Optimizer
 
 from ..files import atomic_write, load_checkpoint
-from ..masks.distributions import DISTRIBUTIONS, check_sparsity
 from ..masks.maskset import SPARSIFIABLE_TYPES, MaskSet, sparsify, weight_candidates
 from ..masks.structure import Structure
-from ..optim.scales import make_scale_source
 from ..optim.sparseopt import SparseOpt
 from ..plugins import load_plugins
-from ..registry import takes_keyword
+from ..probe import check_by_building
+from ..registry import check_keywords, takes_keyword
 from ..topology.updaters import DST_METHODS, TopologyUpdater
 
 logger = logging.getLogger("sparseopt")
@@ -138,12 +137,8 @@ class SparseSession:
         types: tuple[type[nn.Module], ...] = SPARSIFIABLE_TYPES,
     ):
         load_plugins()  # a plugin's DST method, distribution or scale source is a valid name here too
-        self.sparsity = check_sparsity(sparsity)
-        DISTRIBUTIONS[distribution]  # noqa: B018 - ValueError listing the registered distributions
+        self.sparsity = float(sparsity) if isinstance(sparsity, (int, float)) else sparsity
         self.structure = Structure.parse(structure, nm)
-        if self.structure.density is not None and abs((1 - self.sparsity) - self.structure.density) > 1e-9:
-            raise ValueError(f"structure {self.structure} fixes the sparsity at {1 - self.structure.density:g}; "
-                             f"got sparsity={self.sparsity:g}")
         if isinstance(dst, str):
             self.updater_class = DST_METHODS[dst]
             self.method = dst
@@ -151,18 +146,21 @@ class SparseSession:
             self.updater_class, self.method = dst, dst.__name__
         else:
             raise ValueError(f"dst must be one of {DST_METHODS.names()} or a TopologyUpdater subclass, got {dst!r}")
-        if not isinstance(delta_t, int) or delta_t < 1:
-            raise ValueError(f"delta_t must be a positive integer, got {delta_t!r}")
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha (initial drop fraction) must be in [0, 1], got {alpha!r}")
         if not 0.0 < float(t_end_fraction) <= 1.0:
             raise ValueError(f"t_end_fraction must be in (0, 1], got {t_end_fraction!r}")
-        make_scale_source(scale_source)  # ValueError listing the registered sources
-        self.distribution, self.delta_t, self.alpha = distribution, delta_t, float(alpha)
+        self.distribution, self.delta_t, self.alpha = distribution, delta_t, alpha
         self.t_end_fraction, self.precondition, self.scale_source = float(t_end_fraction), bool(precondition), scale_source
         self.targets, self.ignore, self.seed, self.types = targets, ignore, int(seed), types
         self.dst_kwargs = dict(dst_kwargs or {})
+        check_keywords(self.updater_class, self.dst_kwargs, f"dst {self.method!r} ({self.updater_class.__name__})",
+                       reserved={**{k: "an argument of the callback" for k in ("delta_t", "alpha", "seed")},
+                                 "t_end": "set by t_end_fraction", "total_steps": "the trainer's length",
+                                 "masks": "built by the callback", "optimizer": "built by the callback"})
         _patterns(targets, "targets"), _patterns(ignore, "ignore")
+        # Each component refuses its own bad options (sparsity, distribution, N:M rule, alpha, delta_t, scale
+        # source, a method's own options): built once on a probe model, now, before any framework runs.
+        check_by_building(self.structure, self._draw, lambda model, masks: self._sparseopt(SGD(model.parameters()), masks),
+                          self._updater)
         self.masks: MaskSet | None = None
         self.optimizer: SparseOpt | None = None
         self.topology: TopologyUpdater | None = None
@@ -184,8 +182,7 @@ class SparseSession:
             if self.masks.names != names:
                 raise ValueError(f"the saved masks cover {self.masks.names}, the callback's targets are {names}")
         else:
-            self.masks = sparsify(model, self.sparsity, self.distribution, include=names, structure=self.structure,
-                                  generator=torch.Generator().manual_seed(self.seed), types=self.types, persistent=False)
+            self.masks = self._draw(model, names)
         logger.info("sparseopt: %d layers masked at %.4f density (%s, %s)", len(self.masks), self.masks.density(),
                     self.distribution, self.structure)
         return self.masks
@@ -198,16 +195,27 @@ class SparseSession:
         base = innermost_optimizer(optimizer)
         if self.optimizer is not None and self.optimizer.base is base:
             return self.optimizer
-        self.optimizer = SparseOpt(base, self.masks, precondition=self.precondition, scale_source=self.scale_source)
+        self.optimizer = self._sparseopt(base, self.masks)
+        self.topology = self._updater(self.masks, self.optimizer, total_steps)
+        return self.optimizer
+
+    # -- the components, built here and only here (for the run and for the probe) -----------------------
+    def _draw(self, model: nn.Module, names: list[str] | None = None) -> MaskSet:
+        return sparsify(model, self.sparsity, self.distribution, include=names, structure=self.structure,
+                        generator=torch.Generator().manual_seed(self.seed), types=self.types, persistent=False)
+
+    def _sparseopt(self, base: Optimizer, masks: MaskSet) -> SparseOpt:
+        return SparseOpt(base, masks, precondition=self.precondition, scale_source=self.scale_source)
+
+    def _updater(self, masks: MaskSet, optimizer: SparseOpt, total_steps: int) -> TopologyUpdater:
         options = dict(delta_t=self.delta_t, alpha=self.alpha, t_end=max(1, int(self.t_end_fraction * total_steps)),
                        total_steps=max(1, int(total_steps)), seed=self.seed)
         options = {k: v for k, v in options.items() if takes_keyword(self.updater_class, k)}
         try:
-            self.topology = self.updater_class(self.masks, self.optimizer, **{**options, **self.dst_kwargs})
+            return self.updater_class(masks, optimizer, **{**options, **self.dst_kwargs})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"dst {self.method!r} ({self.updater_class.__name__}) with dst_kwargs {self.dst_kwargs}: "
-                             f"{e}") from None
-        return self.optimizer
+            raise ValueError(f"dst {self.method!r} ({self.updater_class.__name__})"
+                             f"{f' with dst_kwargs {self.dst_kwargs}' if self.dst_kwargs else ''}: {e}") from None
 
     def topology_step(self) -> bool:
         """Once per optimizer step, with the step's gradients complete; True when the masks changed.

@@ -14,7 +14,7 @@ is what a run is built from:
   epochs, the learning-rate schedule, label smoothing).
 
 A rule about a component's options is written once, in that component's constructor. The sections are
-checked by building the components once on a probe model (two small layers; a few microseconds), so
+checked by building the components once on a probe model (:mod:`sparseopt.probe`), so
 ``alpha``, ``delta_t``, ``neuron_ablation``, ``scale_ema``, ``max_grad_norm``, the N:M rule, HAM's and a
 plugin's own options are refused with the component's own words before anything runs or is written.
 Data, schedule and runtime keys have no component that checks them: the flat config's own checks are theirs,
@@ -35,6 +35,7 @@ from ..models import check_model_kwargs
 from ..optim import HAM, SparseOpt
 from ..optim.clip import ClipGradNorm
 from ..optim.presets import OPTIMIZER_PRESETS, OptimizerPreset
+from ..probe import check_by_building
 from ..registry import check_keywords, takes_keyword
 from ..runs import ModelSpec
 from ..topology import DST_METHODS, TopologyUpdater
@@ -47,7 +48,6 @@ TOPOLOGY_FLAGS = {"delta_t": "--delta-t", "alpha": "--alpha", "t_end": "--t-end-
                   "skip_update": "--skip-update", "prune_score": "--prune-score", "seed": "--seed",
                   "growth_gradient": "--growth-gradient", "neuron_ablation": "--neuron-ablation",
                   "masks": "built by sparseopt", "optimizer": "built by sparseopt"}
-PROBE_STEPS = 1000  # the training length the probe's topology updater is built for
 
 
 def resolve_method(cfg: TrainConfig) -> dict[str, object]:
@@ -240,19 +240,8 @@ class RunSpec:
     def check(self) -> None:
         """Build every component once on a probe model: each refuses its own bad options, in its own words."""
         check_model_kwargs(self.model.name, self.config.model_kwargs)  # the user's own options, beside the flags'
-        probe = _probe_model(self.masks.structure if self.masks is not None else None)
-        masks = self.masks.build(probe, seed=0) if self.masks is not None else None
-        try:
-            optimizer = self.optimizer.build(probe, masks, lr=0.1)
-            if self.topology is not None:
-                probe(torch.zeros(2, probe[0].in_features))  # SparseOpt finds the normalised layers on a forward
-                self.topology.build(masks, optimizer, PROBE_STEPS)
-        finally:
-            if masks is not None:
-                masks.remove()
-
-
-def _probe_model(structure: Structure | None) -> nn.Sequential:
-    """Two layers whose widths every structure accepts (inputs a multiple of an N:M pattern's M), one BatchNorm."""
-    width = 16 * (structure.m if structure is not None and structure.kind == "nm" else 1)
-    return nn.Sequential(nn.Linear(width, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, width))
+        check_by_building(
+            self.masks.structure if self.masks is not None else None,
+            None if self.masks is None else lambda model: self.masks.build(model, seed=0),
+            lambda model, masks: self.optimizer.build(model, masks, lr=0.1),
+            None if self.topology is None else self.topology.build)
