@@ -27,9 +27,11 @@ def copy(name: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
 
 
-def test_a_stopped_run_of_the_previous_release_resumes_to_the_same_end(tmp_path):
+def test_a_stopped_run_of_the_previous_release_resumes_to_the_same_end(tmp_path, capsys):
     stopped = copy("interrupted", tmp_path)
+    assert RunFolder(stopped).checkpoint()["epoch"] == 1  # the fixture's checkpoint (*.pt files are git-ignored)
     assert main(["train", "--config", str(stopped / "config.yaml"), "--out", str(stopped), "--resume", "--quiet"]) == 0
+    assert f"resumed from {stopped / 'checkpoint.pt'} at epoch 1" in capsys.readouterr().out
     resumed, finished = RunFolder(stopped).results(), RunFolder(FIXTURES / "completed").results()
     assert resumed["status"] == "completed"
     # the same numbers as the run the previous release trained without a stop
