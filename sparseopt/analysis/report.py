@@ -35,7 +35,7 @@ from typing import Any
 from ..figures import epoch_axis, pyplot, save_figure, write_csv, write_text
 from ..files import write_json
 from ..optim.presets import OPTIMIZER_PRESETS
-from ..runs import CONFIG_FILE, RunFolder, read_metrics
+from ..runs import CONFIG_FILE, RunFolder
 from ..topology import DST_METHODS
 from ..train.config import NON_METHOD_KEYS, with_defaults
 from ..train.naming import NAMED_KEYS
@@ -73,6 +73,7 @@ class RunRecord:
     status: str  # completed / incomplete / diverged / ...
     results: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)  # the metric lines of topology updates
 
     @property
     def key(self) -> tuple:
@@ -108,7 +109,7 @@ def load_run(path: Path) -> RunRecord:
     config = {k: resolved.get(k, v) if v == "auto" else v for k, v in config.items()}
     metrics = run.metrics()
     status = results.get("status", "unknown") if results else "incomplete"
-    return RunRecord(path, config, status, results, metrics)
+    return RunRecord(path, config, status, results, metrics, run.metrics(event="update"))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -173,9 +174,8 @@ def neuron_summary(runs: list[RunRecord]) -> dict[str, float]:
             out[key] = mean_std(values)[0]
     per_run: dict[str, list[float]] = defaultdict(list)
     for r in runs:
-        updates = read_metrics(r.path, event="update")
         for key in UPDATE_COLUMNS:
-            values = [_update_value(u, key) for u in updates]
+            values = [_update_value(u, key) for u in r.updates]
             values = [v for v in values if v is not None]
             if values:
                 per_run[key].append(sum(values) / len(values))
@@ -452,7 +452,7 @@ def write_curves(records: list[RunRecord], path: str | Path) -> Path:
             "config": {k: v for k, v in r.config.items() if k not in RUNTIME_KEYS},
             "final": (r.results or {}).get("final"), "seconds": (r.results or {}).get("seconds"),
             "epochs": [_compact(m) for m in r.metrics],
-            "updates": [_compact(u) for u in read_metrics(r.path, event="update")],
+            "updates": [_compact(u) for u in r.updates],
         }, default=str))
     return write_text(path, "\n".join(lines) + "\n")  # gzip-compressed when the name ends in .gz
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..masks.maskset import SPARSIFIABLE_TYPES, MaskSet
 from .extras import require
-from .session import SessionCallback, SparseSession, innermost_optimizer
+from .session import SessionCallback, SparseSession
 
 transformers = require("transformers", "hf", "sparseopt.integrations.huggingface")
 from transformers import TrainerCallback  # noqa: E402
@@ -107,6 +107,11 @@ def _saved_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor] |
                          "or delete config.sparsity_config to draw new masks") from None
 
 
+def _checkpoint_folder(args, state) -> Path:
+    """Where the Trainer writes the checkpoint of the current step (``<output_dir>/checkpoint-<step>``)."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
 class SparseTrainingCallback(SessionCallback, TrainerCallback):
     """Train the Trainer's model sparse: masks, a topology updater (RigL, SET, static) and SparseOpt.
 
@@ -129,8 +134,7 @@ class SparseTrainingCallback(SessionCallback, TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._mask(model)  # a Trainer built with model_init has its model only now
-        base = innermost_optimizer(optimizer)
-        self.session.attach_optimizer(base, state.max_steps)
+        base = self.session.attach_optimizer(optimizer, state.max_steps).base
         for handle in self._handles:
             handle.remove()
         self._handles = [base.register_step_pre_hook(lambda *_: self.session.begin_step()),
@@ -150,7 +154,7 @@ class SparseTrainingCallback(SessionCallback, TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:  # one process writes, as the Trainer does; every rank holds the same state
             return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = _checkpoint_folder(args, state)
         if not folder.is_dir():
             raise RuntimeError(f"the Trainer's checkpoint {folder} is not there to add {STATE_FILE} to (a "
                                "hyperparameter search writes checkpoints elsewhere, which this callback does not follow)")
@@ -203,7 +207,7 @@ class SparseTrainingCallback(SessionCallback, TrainerCallback):
                 "without resume_from_checkpoint")
         given = getattr(args, "resume_from_checkpoint", None)
         folders = [Path(given)] if isinstance(given, str) else []
-        folders.append(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folders.append(_checkpoint_folder(args, state))
         for path in (folder / STATE_FILE for folder in folders):
             if path.is_file():
                 saved = SparseSession.read(path)

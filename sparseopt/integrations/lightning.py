@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .extras import require
-from .session import SessionCallback, innermost_optimizer
+from .session import SessionCallback
 
 pl = require("lightning.pytorch", "lightning", "sparseopt.integrations.lightning")
 
@@ -56,8 +56,7 @@ class SparseTraining(SessionCallback, pl.Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"SparseTraining trains modules with one optimizer; configure_optimizers gave "
                              f"{len(trainer.optimizers)}")
-        base = innermost_optimizer(trainer.optimizers[0])
-        self.session.attach_optimizer(base, int(trainer.estimated_stepping_batches))
+        base = self.session.attach_optimizer(trainer.optimizers[0], int(trainer.estimated_stepping_batches)).base
         if self._handle is not None:
             self._handle.remove()
         self._handle = base.register_step_post_hook(lambda *_: self.session.end_step())

@@ -72,7 +72,7 @@ def target_layers(model: nn.Module, targets: Patterns = None, ignore: Patterns =
     head) stays dense, and a weight shared by two layers is masked once, as in :func:`~sparseopt.sparsify`.
     """
     wanted, unwanted = _patterns(targets, "targets"), _patterns(ignore, "ignore")
-    tied: dict[str, str] = {}
+    tied: dict[str, tuple[nn.Module, str]] = {}
     candidates = [name for name, _ in weight_candidates(model, types=types, tied=tied)]
     every = [name for name, module in model.named_modules() if isinstance(module, types)]
     for label, patterns in (("targets", wanted), ("ignore", unwanted)):
@@ -86,7 +86,7 @@ def target_layers(model: nn.Module, targets: Patterns = None, ignore: Patterns =
         blocks = [name for name, module in model.named_modules() if isinstance(module, (nn.ModuleList, nn.Sequential))]
         chosen = [n for n in candidates if _under_a_block(n, blocks)]
     chosen = [n for n in chosen if not any(p.search(n) for p in unwanted)]
-    for name, reason in tied.items():
+    for name, (_, reason) in tied.items():
         if any(p.search(name) for p in wanted):
             logger.warning("not masking %r: %s", name, reason)
     if not chosen:
@@ -164,7 +164,6 @@ class SparseSession:
         self.masks: MaskSet | None = None
         self.optimizer: SparseOpt | None = None
         self.topology: TopologyUpdater | None = None
-        self._stepped = False  # whether the base optimizer steps between begin_step and end_step
 
     # -- masks ------------------------------------------------------------------------------------
     def attach_masks(self, model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> MaskSet:
@@ -237,16 +236,11 @@ class SparseSession:
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            self._stepped = False
-        else:
-            self._stepped = True
 
     @torch.no_grad()
     def end_step(self) -> None:
-        """After the base optimizer's step: masked weights are exactly zero again."""
-        if self._stepped:
-            self.optimizer.end_step()
-        self._stepped = False
+        """After the base optimizer's step (a skipped one too: it changed nothing): masked weights are zero again."""
+        self.optimizer.end_step()
 
     # -- what the session records ---------------------------------------------------------------------
     def sparsity_config(self) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def resolve_weight(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Modu
 
 def weight_candidates(model: nn.Module, embeddings: bool = False,
                       types: tuple[type[nn.Module], ...] = SPARSIFIABLE_TYPES,
-                      tied: dict[str, str] | None = None) -> list[tuple[str, nn.Module]]:
+                      tied: dict[str, tuple[nn.Module, str]] | None = None) -> list[tuple[str, nn.Module]]:
     """Every weight ``sparsify`` may mask, as (name, owning module), in registration order.
 
     Linear and Conv1d/2d/3d weights; nn.MultiheadAttention's input projections
@@ -90,7 +90,7 @@ def weight_candidates(model: nn.Module, embeddings: bool = False,
     nn.Embedding tables only with ``embeddings=True``. A weight shared by several
     modules appears once, under its first owner. ``types`` replaces the Linear and
     Conv module types (an integration adds its framework's own, as transformers' Conv1D).
-    ``tied`` receives ``name -> reason`` for each weight left out for a tie (the caller says
+    ``tied`` receives ``name -> (module, reason)`` for each weight left out for a tie (the caller says
     so for the layers it asked for).
     """
     found = []
@@ -109,7 +109,7 @@ def weight_candidates(model: nn.Module, embeddings: bool = False,
     for name, module, weight in found:
         if id(weight) in seen:
             if tied is not None:
-                tied[name] = ("its weight is tied to an embedding table, which stays dense (embeddings=False)"
+                tied[name] = (module, "its weight is tied to an embedding table, which stays dense (embeddings=False)"
                               if id(weight) in tables else "its weight is tied to a layer masked already (one mask)")
             continue
         seen.add(id(weight))
@@ -147,11 +147,10 @@ def select_layers(
     A pattern that matches no candidate is an error (it is almost always a typo).
     ``types``: the module types whose ``weight`` is a candidate (see :func:`weight_candidates`).
     """
-    tied: dict[str, str] = {}
+    tied: dict[str, tuple[nn.Module, str]] = {}
     candidates = weight_candidates(model, embeddings, types, tied)
-    for name, reason in tied.items():
-        if (include is None or any(isinstance(s, str) and fnmatch.fnmatchcase(name, s) for s in include)) and \
-                not any(isinstance(s, str) and fnmatch.fnmatchcase(name, s) for s in exclude):
+    for name, (module, reason) in tied.items():  # said for the layers the selectors ask for
+        if (include is None or _matches(name, module, include)) and not _matches(name, module, exclude):
             logger.info("not masking %r: %s", name, reason)
     if not candidates:
         raise ValueError("model has no Linear, Conv1d/2d/3d or MultiheadAttention weight to sparsify")

@@ -372,8 +372,8 @@ class SparseOpt(OptimizerWrapper):
     def begin_step(self) -> bool:
         """Everything :meth:`step` does before the base optimizer's step; False when this step is skipped.
 
-        A skipped step (:meth:`skip_next_step`) consumes the request; call :meth:`end_step` only after a
-        True, once the base optimizer has stepped.
+        A skipped step (:meth:`skip_next_step`) consumes the request; :meth:`end_step` follows the base
+        optimizer's step (after a skipped one it only re-applies masks the weights already have).
         """
         if self._skip_next:
             self._skip_next = False

@@ -88,10 +88,6 @@ class DataSection:
     seed: int
     channels_last: bool
 
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> DataSection:
-        return cls(**_keys(cls, cfg))
-
 
 @dataclass(frozen=True)
 class ScheduleSection:
@@ -137,17 +133,13 @@ class MaskSection:
 
 @dataclass(frozen=True)
 class TopologySection:
-    """The topology updater: its class (``dynamic`` False for ``Static``) and the options its constructor takes."""
+    """The topology updater: its class (``Static``, whose ``dynamic`` is False, or a DST method) and its options."""
 
     name: str
     updater: type[TopologyUpdater]
     options: dict[str, Any]  # what the config sets (delta_t, alpha, ...), kept when the class takes it
     t_end_fraction: float
     extra: dict[str, Any] = field(default_factory=dict)  # dst_kwargs: the class's further options
-
-    @property
-    def dynamic(self) -> bool:
-        return self.updater.dynamic
 
     def build(self, masks: MaskSet, optimizer: torch.optim.Optimizer, total_steps: int) -> TopologyUpdater:
         timing = dict(t_end=max(1, int(self.t_end_fraction * total_steps)), total_steps=total_steps)
@@ -171,7 +163,6 @@ class OptimizerSection:
     ham: dict[str, float] | None  # HAM's alpha and beta, or None without HAM
     max_grad_norm: float | None
     sparseopt: dict[str, Any]  # SparseOpt's options, every "auto" resolved by the preset
-    prune_score: str  # what the preset's "auto" prune score is, or the one the config names
 
     def base(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         decay, no_decay = [], []
@@ -188,7 +179,7 @@ class OptimizerSection:
         optimizer = self.base(model, lr)
         if masks is None:
             return optimizer if self.max_grad_norm is None else ClipGradNorm(optimizer, self.max_grad_norm)
-        return SparseOpt(optimizer, masks, max_grad_norm=self.max_grad_norm, **self.sparseopt)
+        return SparseOpt(optimizer, masks, max_grad_norm=self.max_grad_norm, preset=self.preset.name, **self.sparseopt)
 
 
 @dataclass(frozen=True)
@@ -214,11 +205,11 @@ class RunSpec:
         optimizer = OptimizerSection(
             preset=OPTIMIZER_PRESETS[cfg.optimizer], momentum=cfg.momentum, nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay, ham={"alpha": cfg.ham_alpha, "beta": cfg.ham_beta} if cfg.ham else None,
-            max_grad_norm=cfg.max_grad_norm, prune_score=str(method["prune_score"]),
+            max_grad_norm=cfg.max_grad_norm,
             sparseopt=dict(precondition=method["precondition"], layers=method["precondition_layers"],
                            scale_weight_decay=cfg.scale_weight_decay, scale_source=method["scale_source"],
                            scale_kwargs=dict(cfg.scale_kwargs), scale_ema=cfg.scale_ema,
-                           undamped_growth=cfg.undamped_growth, preset=cfg.optimizer))
+                           undamped_growth=cfg.undamped_growth))
         masks = topology = None
         if cfg.dst != "dense":
             masks = MaskSection(cfg.sparsity, cfg.distribution, Structure.parse(cfg.structure, cfg.nm), cfg.power_scale,
@@ -231,8 +222,8 @@ class RunSpec:
                            prune_score=method["prune_score"], seed=cfg.seed, growth_gradient=cfg.growth_gradient,
                            neuron_ablation=cfg.neuron_ablation)
             topology = TopologySection(cfg.dst, updater, options, cfg.t_end_fraction, dict(cfg.dst_kwargs))
-        spec = cls(cfg, DataSection.of(cfg), ModelSpec.from_config(cfg.to_dict()), masks, topology, optimizer,
-                   ScheduleSection(**_keys(ScheduleSection, cfg)))
+        spec = cls(cfg, DataSection(**_keys(DataSection, cfg)), ModelSpec.from_config(cfg.to_dict()), masks, topology,
+                   optimizer, ScheduleSection(**_keys(ScheduleSection, cfg)))
         if check:
             spec.check()
         return spec
