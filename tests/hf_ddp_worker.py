@@ -1,5 +1,6 @@
 """One rank of a 2-process DDP run of the Hugging Face Trainer with SparseTrainingCallback (tests/test_huggingface.py)."""
 
+import gc
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def main(out: str) -> None:
                Path(out) / f"rank{rank}.pt")
     if torch.distributed.is_initialized():  # a process group left to interpreter exit can abort (gloo's threads)
         torch.distributed.barrier()
+        del trainer  # it holds the DDP wrapper, which holds the group
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

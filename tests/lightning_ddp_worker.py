@@ -1,5 +1,6 @@
 """A 2-process DDP (CPU, gloo) run of Lightning with SparseTraining; each rank writes its masks and weights."""
 
+import gc
 import sys
 from pathlib import Path
 
@@ -19,6 +20,12 @@ def main(out: str, dst: str) -> None:
     torch.save({"masks": [m.clone() for m in sparse.masks.masks], "updates": sparse.topology.num_updates,
                 "world": fit.world_size, "model": {k: v.detach().clone() for k, v in module.named_parameters()}},
                Path(out) / f"rank{fit.global_rank}.pt")
+    # Lightning leaves the process group to interpreter exit, where gloo's worker threads can abort the process
+    # ("terminate called without an active exception", seen in CI): meet, drop the DDP wrapper, then leave.
+    torch.distributed.barrier()
+    del fit
+    gc.collect()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
