@@ -44,8 +44,7 @@ from .topology import (
     zero_state_,
 )
 from .training_kernels import SparseTraining, sparse_training
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def sparsity_stats(masks: MaskSet) -> dict[str, float]:

@@ -13,7 +13,7 @@ UPPER = ("train", "cli", "sweep", "analysis", "integrations")
 FORBIDDEN = {
     "files": UPPER + ("deploy",), "registry": UPPER + ("deploy",), "feeds": UPPER + ("deploy",),
     "figures": UPPER + ("deploy",), "timing": UPPER + ("deploy",), "messages": UPPER + ("deploy",),
-    "runs": UPPER + ("deploy",), "probe": UPPER + ("deploy",),
+    "runs": UPPER + ("deploy",), "probe": UPPER + ("deploy",), "version": UPPER + ("deploy",),
     "masks": UPPER + ("deploy",), "topology": UPPER + ("deploy",), "optim": UPPER + ("deploy",),
     "models": UPPER + ("deploy",), "data": UPPER + ("deploy",), "native": UPPER + ("deploy",),
     "training_kernels": UPPER + ("deploy",),
@@ -23,23 +23,33 @@ FORBIDDEN = {
 }
 
 
-def imported_packages(path: Path) -> set[str]:
-    """The top-level sparseopt packages a module imports (relative and absolute, at any depth of the file)."""
-    module = path.relative_to(PACKAGE.parent).with_suffix("")
-    parts = list(module.parts)
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(f): f for f in PACKAGE.rglob("*.py")}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The sparseopt modules a module imports (relative and absolute, at any depth of the file: imports placed
+    inside functions count, since that is how an import circle hides)."""
+    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = parts[: len(parts) - node.level] if path.name != "__init__.py" else parts[: len(parts) - node.level + 1]
-                target = [*base, *(node.module.split(".") if node.module else [])]
-                names = [target] if node.module else [[*target, alias.name] for alias in node.names]
-            else:
-                names = [node.module.split(".")] if node.module else []
-            found |= {n[1] for n in names if len(n) > 1 and n[0] == "sparseopt"}
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            # `from X import y` imports the module X.y where there is one, else X
+            found |= {f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target for a in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("sparseopt.")}
-    return found
+            found |= {a.name for a in node.names}
+    return {m for m in found if m in MODULES} - {module_name(path)}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The top-level sparseopt packages a module imports."""
+    return {m.split(".")[1] for m in imported_modules(path) if "." in m}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -62,3 +72,23 @@ def test_import_sparseopt_and_deploy_load_no_training_package():
             "('train', 'cli', 'sweep', 'analysis', 'integrations')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_import_cycle_among_the_modules():
+    graph = {m: imported_modules(f) for m, f in MODULES.items()}
+    cycles, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:  # depth first; a module met again on the path closes a cycle
+        if module in path:
+            cycles.append(path[path.index(module):] + [module])
+            return
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert len(graph) > 50 and graph["sparseopt.train.spec"] >= {"sparseopt.train.config", "sparseopt.runs"}
+    assert not cycles, [" -> ".join(c) for c in cycles[:5]]

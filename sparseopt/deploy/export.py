@@ -40,6 +40,7 @@ from ..masks.maskset import MASK_SUFFIX, MaskSet
 from ..masks.structure import Structure
 from ..models import MODELS, build_model
 from ..plugins import load_plugins
+from ..version import __version__
 from .encoding import decode, encode, pack, unpack
 
 FORMAT = "sparseopt-sparse-v1"
@@ -120,8 +121,6 @@ def export_sparse(
         "layers": layers,
         "table": table,
     }
-    from .. import __version__
-
     state["meta"]["sparseopt"] = __version__
     # The description goes in as compressed JSON bytes: a fraction of the pickled size, and parsed without pickle.
     compressed = zlib.compress(json.dumps(state).encode(), 9)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..version import __version__
+
 logger = logging.getLogger("sparseopt")
 
 
@@ -26,8 +28,6 @@ def git_revision() -> str | None:
 
 def environment(device: torch.device, seed: int, world_size: int = 1) -> dict[str, Any]:
     import numpy
-
-    from .. import __version__
 
     env = {
         "python": sys.version.split()[0],
