@@ -20,6 +20,10 @@ class MNISTNet(pl.LightningModule):
         self.losses.append(float(loss))
         return loss
 
+    def test_step(self, batch, index):
+        x, y = batch
+        self.log("test_loss", nn.functional.cross_entropy(self.net(x), y))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 

@@ -212,8 +212,35 @@ def test_torch_compile_in_the_trainer_trains_with_the_masks(tmp_path):
     sparse = SparseTrainingCallback(sparsity=0.9, delta_t=3)
     trainer, check = train(gpt2(), tmp_path, sparse, max_steps=8, torch_compile=True,
                            torch_compile_backend="aot_eager", save_steps=100)
-    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule" and sparse.masks.model is trainer.model
     assert check.steps == 8 and sparse.topology.num_updates == expected_updates(8, 3, 6) == 1
+
+
+def test_a_trainer_built_with_model_init_masks_the_model_it_trains(tmp_path):
+    # The Trainer calls model_init in its constructor and again in train(): the masks go on the second model.
+    sparse = SparseTrainingCallback(sparsity=0.9, delta_t=3)
+    check, first = MaskCheck(sparse), {}
+
+    class FirstMasks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            first["checksum"] = sparse.masks.checksum()
+
+    trainer = Trainer(model_init=lambda trial: gpt2(), args=training_args(tmp_path, max_steps=6), train_dataset=Tokens(),
+                      callbacks=[sparse, FirstMasks(), check])
+    trainer.train()
+    assert sparse.masks.model is trainer.model and check.steps == 6 and sparse.topology.num_updates == 1
+    drawn = SparseTrainingCallback(sparsity=0.9, delta_t=3).session.attach_masks(gpt2())
+    assert first["checksum"] == drawn.checksum() != sparse.masks.checksum()  # the seed's masks, then RigL's update
+    for weight, mask in zip(sparse.masks.weights, sparse.masks.masks):
+        assert weight.requires_grad and not weight[~mask].any()
+
+
+def test_a_callback_that_has_trained_refuses_another_model(tmp_path):
+    sparse = SparseTrainingCallback(sparsity=0.9)
+    train(gpt2(), tmp_path / "a", sparse, max_steps=2)
+    with pytest.raises(ValueError, match="this callback has trained a GPT2LMHeadModel .masks on 8 layers. and was given "
+                                         "another GPT2LMHeadModel; .* make a new one for each model"):
+        train(gpt2(1), tmp_path / "b", sparse, max_steps=2)
 
 
 def test_bad_arguments_are_one_line_each(caplog):

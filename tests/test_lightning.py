@@ -84,6 +84,21 @@ def test_a_checkpoint_written_without_the_callback_is_one_error(tmp_path):
         trainer(tmp_path, [SparseTraining(sparsity=0.9)]).fit(MNISTNet(), mnist_loader(256), ckpt_path=path)
 
 
+def test_evaluating_a_checkpoint_needs_no_masks_and_a_reused_callback_refuses_another_module(tmp_path):
+    sparse = SparseTraining(sparsity=0.9, delta_t=4)
+    fit = trainer(tmp_path, [sparse], max_epochs=1)
+    fit.fit(MNISTNet(), mnist_loader(256))
+    path = tmp_path / "sparse.ckpt"
+    fit.save_checkpoint(path)
+    # test/validate from a checkpoint with a new callback (the callbacks list kept for evaluation): no masks needed
+    fresh = SparseTraining(sparsity=0.9)
+    (result,) = trainer(tmp_path, [fresh]).test(MNISTNet(), mnist_loader(128), ckpt_path=path, verbose=False)
+    assert fresh.masks is None and 0 < result["test_loss"] < 3
+    with pytest.raises(ValueError, match="this callback has trained a MNISTNet .masks on 2 layers. and was given "
+                                         "another MNISTNet"):
+        trainer(tmp_path, [sparse], max_epochs=1).fit(MNISTNet(), mnist_loader(256))
+
+
 @pytest.mark.parametrize("dst", ["rigl"])
 def test_ddp_on_the_cpu_keeps_masks_and_weights_equal_across_ranks(tmp_path, dst):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

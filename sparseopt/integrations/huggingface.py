@@ -183,7 +183,7 @@ class SparseTrainingCallback(SessionCallback, TrainerCallback):
 
     # -- internals -------------------------------------------------------------------------------------
     def _mask(self, model: nn.Module) -> None:
-        if self.masks is not None:
+        if self.masks is not None and self.masks.model is model:
             return
         self.session.attach_masks(model, _saved_masks(model, self.session.sparsity))
         if getattr(model, "config", None) is not None:

@@ -77,6 +77,8 @@ class SparseTraining(SessionCallback, pl.Callback):
         checkpoint[CHECKPOINT_KEY] = self.session.state_dict()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn != pl.trainer.states.TrainerFn.FITTING:
+            return  # validate/test/predict from a checkpoint: its weights are already sparse, nothing trains
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             raise ValueError("the checkpoint was written without the SparseTraining callback: its masks are not known "

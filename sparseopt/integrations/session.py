@@ -168,8 +168,13 @@ class SparseSession:
     # -- masks ------------------------------------------------------------------------------------
     def attach_masks(self, model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> MaskSet:
         """Mask ``model``: random masks of the session's distribution, or the given ``masks`` (a saved model's)."""
-        if self.masks is not None:
+        if self.masks is not None and self.masks.model is model:
             return self.masks
+        if self.masks is not None and self.optimizer is not None:  # a reused callback: its state is the first model's
+            raise ValueError(f"this callback has trained a {type(self.masks.model).__name__} (masks on {len(self.masks)} "
+                             f"layers) and was given another {type(model).__name__}; a callback holds one model's masks "
+                             "and updater: make a new one for each model")
+        # No masks yet, or the model was replaced before training began (the Trainer's model_init): mask this one.
         names = target_layers(model, self.targets, self.ignore, self.types)
         transposed = [n for n in names if not isinstance(model.get_submodule(n), SPARSIFIABLE_TYPES)]
         if transposed and self.structure.kind != "unstructured":
