@@ -37,6 +37,26 @@ def test_default_targets_are_the_layers_inside_module_lists():
         target_layers(nn.Linear(2, 2))
 
 
+def test_frozen_layers_stay_dense_by_default_and_are_refused_by_name(caplog):
+    model = Blocks()
+    model.blocks[0].requires_grad_(False)  # fine-tuning the upper block only
+    with caplog.at_level("INFO", logger="sparseopt"):
+        assert target_layers(model) == ["blocks.1.0", "blocks.1.2"]
+    assert "2 frozen layers (requires_grad=False) stay dense, e.g. 'blocks.0.0'" in caplog.text
+    with pytest.raises(ValueError, match=r"targets= names frozen layers .* \['blocks.0.0'\]; unfreeze them or ignore="):
+        target_layers(model, targets=r"blocks\.\d\.0$")
+    model.blocks.requires_grad_(False)
+    with pytest.raises(ValueError, match="no layer to sparsify: every layer in its blocks is frozen"):
+        target_layers(model)
+    # the session trains what the optimizer holds: the Trainer's optimizer takes only the trainable weights
+    session = SparseSession(sparsity=0.9, dst="rigl", delta_t=1)
+    model = Blocks()
+    model.blocks[0].requires_grad_(False)
+    session.attach_masks(model)
+    session.attach_optimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), 10)
+    assert session.masks.names == ["blocks.1.0", "blocks.1.2"]
+
+
 def test_a_grad_scaler_around_the_hooked_step_skips_the_update_step_and_overflows_cleanly():
     model = Blocks()
     session = SparseSession(0.8, dst="set", delta_t=2, precondition=False)

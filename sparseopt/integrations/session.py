@@ -68,7 +68,8 @@ def target_layers(model: nn.Module, targets: Patterns = None, ignore: Patterns =
     ``classifier``, a pooler), a network's stem and norms stay dense.
     ``targets``: regular expressions (``re.search`` on the layer's name) that choose the
     layers instead; ``ignore``: expressions that remove layers. A pattern that matches no
-    layer is an error naming it. A weight tied to an embedding table (a language model's
+    layer is an error naming it. Frozen layers (``requires_grad=False``) stay dense by default and
+    are refused when ``targets`` names them. A weight tied to an embedding table (a language model's
     head) stays dense, and a weight shared by two layers is masked once, as in :func:`~sparseopt.sparsify`.
     """
     wanted, unwanted = _patterns(targets, "targets"), _patterns(ignore, "ignore")
@@ -86,11 +87,20 @@ def target_layers(model: nn.Module, targets: Patterns = None, ignore: Patterns =
         blocks = [name for name, module in model.named_modules() if isinstance(module, (nn.ModuleList, nn.Sequential))]
         chosen = [n for n in candidates if _under_a_block(n, blocks)]
     chosen = [n for n in chosen if not any(p.search(n) for p in unwanted)]
+    frozen = [n for n in chosen if not model.get_submodule(n).weight.requires_grad]
+    if frozen and wanted:
+        raise ValueError(f"targets= names frozen layers (requires_grad=False), which no optimizer trains sparse: "
+                         f"{frozen[:4] + (['...'] if len(frozen) > 4 else [])}; unfreeze them or ignore= them")
+    if frozen:  # a fine-tuning run that freezes some blocks: the blocks it trains are the ones to make sparse
+        logger.info("sparseopt: %d frozen layers (requires_grad=False) stay dense, e.g. %r", len(frozen), frozen[0])
+        chosen = [n for n in chosen if n not in frozen]
     for name, (_, reason) in tied.items():
         if any(p.search(name) for p in wanted):
             logger.warning("not masking %r: %s", name, reason)
     if not chosen:
-        hint = "targets= names no layer that can be masked" if wanted else "the model has no blocks (no nn.ModuleList or nn.Sequential)"
+        hint = "the model has no blocks (no nn.ModuleList or nn.Sequential)"
+        if wanted or frozen:
+            hint = "targets= names no layer that can be masked" if wanted else "every layer in its blocks is frozen"
         raise ValueError(f"no layer to sparsify: {hint}; pass targets= (regular expressions), layers are for example "
                          f"{every[:4] + (['...'] if len(every) > 4 else [])}")
     return chosen
