@@ -151,7 +151,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         (["--epochs", "-1"], "epochs must be >= 1, got -1"),
         (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
         (["--sparsity", "1.0"], "sparsity must be in [0, 1) (1.0 would remove every weight), got 1.0"),  # sparsify's words
-        (["--dst", "magic"], "dst must be one of ['dense', 'static', 'set', 'rigl'], got 'magic'"),
+        (["--dst", "magic"], "dst must be one of ['dense', 'static', 'set', 'rigl'], got 'magic'\n"),
+        (["--dst", "rigel"], "dst must be one of ['dense', 'static', 'set', 'rigl'], got 'rigel' (did you mean 'rigl'?)"),
         (["--epochs", "two"], "config key 'epochs' expects int, got 'two'"),
         (["--colour", "red"], "unknown option '--colour'; `sparseopt train --help` lists them"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar-10-batches-py"),

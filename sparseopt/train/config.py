@@ -31,7 +31,7 @@ from ..models.resnet_cifar import SHORTCUTS
 from ..optim.presets import OPTIMIZER_PRESETS
 from ..optim.scales import SCALE_SOURCES
 from ..optim.sparseopt import LAYER_CHOICES
-from ..registry import closest, takes_keyword
+from ..registry import closest, did_you_mean, takes_keyword
 from ..topology.scores import PRUNE_SCORES
 from ..topology.updaters import DST_METHODS, GROWTH_GRADIENTS
 from ..training_kernels import KERNEL_MODES
@@ -205,7 +205,8 @@ class TrainConfig:
         """Raise ValueError naming the bad value and what is allowed; nothing is written before this."""
         for name, allowed in field_choices().items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+                value = getattr(self, name)
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}{did_you_mean(value, allowed)}")
         # The options of a component (sparsity, alpha, delta_t, scale_ema, max_grad_norm, neuron_ablation, the
         # N:M rule, a method's or a model's own options) are checked by the component itself: RunSpec.from_config.
         for name in ("epochs", "batch_size", "eval_batch_size"):
