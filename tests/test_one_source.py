@@ -150,19 +150,20 @@ def test_report_labels_are_the_same_in_tables_and_figures(tmp_path):
 
 
 def test_backend_flags_are_set_for_a_cuda_run_and_restored_afterwards():
+    from sparseopt.train.config import TrainConfig
     from sparseopt.train.runtime import backend_flags
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32)
     cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = False, False, False  # a library user's own settings
     try:
-        with backend_flags(torch.device("cuda"), cudnn_benchmark=True):  # only flags: no GPU is touched
+        with backend_flags(torch.device("cuda"), TrainConfig(cudnn_benchmark=True)):  # only flags: no GPU is touched
             assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == (True, True, True)
         assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == (False, False, False)
-        with pytest.raises(RuntimeError), backend_flags(torch.device("cuda"), cudnn_benchmark=True):
+        with pytest.raises(RuntimeError), backend_flags(torch.device("cuda"), TrainConfig(cudnn_benchmark=True)):
             raise RuntimeError("a run that fails")
         assert (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32) == (False, False, False)
-        with backend_flags(torch.device("cpu"), cudnn_benchmark=True):  # a CPU run changes nothing
+        with backend_flags(torch.device("cpu"), TrainConfig(cudnn_benchmark=True)):  # a CPU run sets no torch flag
             assert not cudnn.benchmark
     finally:
         cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = saved

@@ -36,6 +36,9 @@ def cmd_bench_train(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (each: steps, then one update step)")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer table")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory for the next step in both processes, as a CPU training run does "
+                        "(sparseopt.memory); --no-reuse-memory: the C library's defaults")
     p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args(argv)
     if min(args.batch_size, args.steps, args.rounds, args.delta_t, args.threads or 1) < 1:
@@ -43,6 +46,7 @@ def cmd_bench_train(argv: list[str]) -> int:
     cfg = TrainConfig(model=args.model, dataset=args.dataset or default_dataset(args.model), sparsity=args.sparsity,
                       distribution=args.distribution, structure=args.structure, nm=args.nm, dst=args.dst,
                       delta_t=args.delta_t, optimizer=args.optimizer, batch_size=args.batch_size, seed=args.seed,
+                      reuse_memory=args.reuse_memory,
                       **({"mlp_hidden": args.mlp_hidden} if args.mlp_hidden else {}))
     try:
         cfg = cfg.validate()
@@ -51,7 +55,9 @@ def cmd_bench_train(argv: list[str]) -> int:
     result = bench_train(cfg, threads=args.threads, steps=args.steps, rounds=args.rounds, kernels=args.kernels,
                          layers=not args.no_layers)
     backend = result["backend"]
-    print(f"{result['what']}, {result['threads']} threads; compiled kernels: {backend['path']} ({backend['reason']})")
+    memory = "freed memory reused" if result["reuse_memory"] else "the C library's malloc defaults"
+    print(f"{result['what']}, {result['threads']} threads, {memory}; compiled kernels: {backend['path']} "
+          f"({backend['reason']})")
     for row in result.get("layers", []):
         print(f"{row['layer']:28s} density {row['density']:.3f}  masked {row['masked_ms']:8.3f} ms  "
               f"sparse {row['sparse_ms']:8.3f} ms  {row['speedup']:.2f}x")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..memory import reuse_freed_memory
 from ..native import build as native_build
 from ..timing import median
 from ..training_kernels import sparse_training
@@ -127,6 +128,7 @@ def _serve(conn, cfg: TrainConfig, name: str, threads: int | None, steps: int) -
     """One side in its own process: built, warmed up, then a round of steps per request."""
     if threads is not None:
         torch.set_num_threads(threads)
+    reused = cfg.reuse_memory and reuse_freed_memory()  # as a CPU training run does (runtime.backend_flags)
     batches = _batches(cfg, steps)
     torch.manual_seed(cfg.seed)
     run = build_run(cfg, make_model(cfg), TOTAL_STEPS, cfg.lr)
@@ -153,7 +155,7 @@ def _serve(conn, cfg: TrainConfig, name: str, threads: int | None, steps: int) -
         elif request == "finish":
             profile, layers = arg
             out = {"plain": side.plain, "update": side.update, "parts": side.parts, "losses": side.losses,
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "reuse_memory": reused}
             if profile:
                 out["ops_ms"] = _op_classes(side, *batches[1])
             if run.sparse is not None:
@@ -203,7 +205,8 @@ def bench_train(cfg: TrainConfig, *, threads: int | None = None, steps: int = 5,
                 f"delta_t {delta_t}, batch {cfg.batch_size}",
         "config": {k: getattr(cfg, k) for k in ("model", "dataset", "sparsity", "distribution", "structure", "nm",
                                                  "dst", "delta_t", "batch_size", "optimizer", "seed", "mlp_hidden")},
-        "threads": masked["threads"], "steps": steps, "rounds": rounds, "data": "synthetic (standard normal)",
+        "threads": masked["threads"], "reuse_memory": masked["reuse_memory"], "steps": steps, "rounds": rounds,
+        "data": "synthetic (standard normal)",
         "processes": "one per side, rounds alternating", "backend": native_build.backend().as_dict(),
         "kernels": sparse["kernels"],
     }

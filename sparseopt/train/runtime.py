@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..memory import reuse_freed_memory
 from .config import TrainConfig
 from .distributed import DistEnv, init_distributed
 from .naming import run_name
@@ -62,14 +63,17 @@ def without_gpu_options(cfg: TrainConfig, device: torch.device) -> tuple[TrainCo
 
 
 @contextmanager
-def backend_flags(device: torch.device, cudnn_benchmark: bool) -> Iterator[None]:
-    """cuDNN autotuning and TF32 matmuls for a CUDA run, restored to what they were when it ends."""
+def backend_flags(device: torch.device, cfg: TrainConfig) -> Iterator[None]:
+    """cuDNN autotuning and TF32 matmuls for a CUDA run, restored to what they were when it ends; for a CPU
+    run, freed memory kept for reuse (process-wide and kept: :mod:`sparseopt.memory`)."""
     if device.type != "cuda":
+        if device.type == "cpu" and cfg.reuse_memory:
+            reuse_freed_memory()
         yield
         return
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32)
-    cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = cudnn_benchmark, True, True
+    cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = cfg.cudnn_benchmark, True, True
     try:
         yield
     finally:
