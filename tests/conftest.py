@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 
 # The shared data folder sits beside the checkout (../shared/data); CI gets a copy there too.
+# sparseopt.memory works through glibc's mallopt; elsewhere reuse_freed_memory() returns False
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 DATA_DIR = Path(os.environ.get("SPARSEOPT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 

@@ -3,12 +3,12 @@ script that crashes. Structure and bookkeeping only: timings are benchmarks' bus
 
 import gzip
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import GLIBC
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +59,6 @@ def test_inference_benchmark_rehearsal(tmp_path):
         assert len(r["layers"]) == 22  # every conv and the classifier of ResNet-20
     assert "| resnet20 | 0.98 | erk | constant_fan_in | 2 | 1 |" in out
     assert record["backend"]["path"] in ("avx512", "avx2", "portable", "torch")
-
-
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def test_bench_train_rehearsal(tmp_path, native):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import data_path
+from conftest import GLIBC, data_path
 from torch import nn
 
 import sparseopt
@@ -287,6 +287,7 @@ def test_export_and_bench_commands_on_a_trained_run(tmp_path, capsys):
     assert result["backend"]["path"] == sparseopt.native.backend().path
     assert "compiled kernels: " in capsys.readouterr().out
     assert result["max_abs_diff"] < 1e-5 and result["batch_size"] == 4 and result["threads"] == 1
+    assert result["reuse_memory"] is GLIBC  # both sides, as a serving process that calls reuse_freed_memory()
     assert main(["bench-infer", "--model", "resnet20", "--structure", "nm", "--nm", "2:4", "--sparsity", "0.5",
                  "--rounds", "1"]) == 2  # conv1's 27 inputs cannot be 2:4
     assert "not a multiple of M=4" in capsys.readouterr().err

@@ -1,14 +1,13 @@
 """sparseopt.memory: freed memory is kept for reuse, so a repeated allocation no longer faults fresh pages in."""
 
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import GLIBC
 
 REPO = Path(__file__).resolve().parents[1]
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # A training step's pattern: allocate 100 MB activations, compute, free; count the page faults of each step.
 STEPS = """

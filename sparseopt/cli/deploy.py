@@ -35,6 +35,7 @@ def cmd_bench_infer(argv: list[str]) -> int:
     from ..files import write_json
     from ..masks.distributions import DISTRIBUTIONS
     from ..masks.structure import STRUCTURES
+    from ..memory import reuse_freed_memory
 
     p = argparse.ArgumentParser(prog="sparseopt bench-infer", allow_abbrev=False,
                                 description="Dense against sparse CPU inference, side by side in one run.")
@@ -51,6 +52,9 @@ def cmd_bench_infer(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=15, help="timed forward passes of each side")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each kernel when choosing per layer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory for the next call (sparseopt.memory.reuse_freed_memory(), what a serving "
+                        "process should call); --no-reuse-memory: the C library's defaults")
     p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args(argv)
     if min(args.batch_size, args.rounds, args.repeats, args.threads or 1) < 1:
@@ -66,10 +70,12 @@ def cmd_bench_infer(argv: list[str]) -> int:
         label = f"{args.model} {args.structure if args.structure != 'nm' else args.nm} {args.distribution} " \
                 f"sparsity {args.sparsity:g}"
     x = example_batch(shape, args.batch_size, args.seed)
+    reused = args.reuse_memory and reuse_freed_memory()  # before either side runs: both get it
     result = bench_inference(model, masks, x, threads=args.threads, rounds=args.rounds, repeats=args.repeats)
-    result["what"] = label
+    result["what"], result["reuse_memory"] = label, reused
     backend = result["backend"]
-    print(f"{label}, batch {args.batch_size}, {result['threads']} threads, input {tuple(shape)}; "
+    memory = "freed memory reused" if reused else "the C library's malloc defaults"
+    print(f"{label}, batch {args.batch_size}, {result['threads']} threads, input {tuple(shape)}, {memory}; "
           f"compiled kernels: {backend['path']} ({backend['reason']})")
     print(f"{'layer':28s} {'density':>7s} {'kernel':>9s}  ms of each kernel timed")
     for name, layer in result["layers"].items():
