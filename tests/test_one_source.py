@@ -149,6 +149,25 @@ def test_report_labels_are_the_same_in_tables_and_figures(tmp_path):
     assert table == {"Baseline": 1, "Ours": 2} and figure == {"Baseline": 1, "Ours": 1}
 
 
+def test_a_single_process_cpu_run_keeps_freed_memory_unless_told_not_to(monkeypatch):
+    from sparseopt.train import runtime
+    from sparseopt.train.config import TrainConfig
+
+    calls = []
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: calls.append(1) or True)
+    cpu = torch.device("cpu")
+    for cfg, distributed, expected in ((TrainConfig(), False, 1), (TrainConfig(reuse_memory=False), False, 0),
+                                       (TrainConfig(), True, 0)):  # CPU DDP keeps the C library's defaults
+        calls.clear()
+        with runtime.backend_flags(cpu, cfg, distributed):
+            pass
+        assert len(calls) == expected, (cfg.reuse_memory, distributed)
+    calls.clear()
+    with runtime.backend_flags(torch.device("cuda"), TrainConfig()):  # a GPU run: only torch's flags
+        pass
+    assert not calls
+
+
 def test_backend_flags_are_set_for_a_cuda_run_and_restored_afterwards():
     from sparseopt.train.config import TrainConfig
     from sparseopt.train.runtime import backend_flags

@@ -186,7 +186,7 @@ class TrainConfig:
         choices=names(KERNEL_MODES))
     cudnn_benchmark: bool = option(True, "let cuDNN pick the fastest convolution algorithms", role="runtime")
     reuse_memory: bool = option(
-        True, "CPU runs: keep freed memory in the process for the next step (glibc malloc without mmap for large blocks "
+        True, "single-process CPU runs: keep freed memory in the process for the next step (glibc malloc without mmap for large blocks "
         "and without trimming) instead of faulting fresh pages in every step; same numbers, faster steps, the "
         "process keeps its peak memory (sparseopt.memory)", role="runtime")
     sync_bn: bool = option(False, "SyncBatchNorm across ranks in distributed runs (CUDA only)", role="runtime")

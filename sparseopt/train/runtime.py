@@ -63,11 +63,12 @@ def without_gpu_options(cfg: TrainConfig, device: torch.device) -> tuple[TrainCo
 
 
 @contextmanager
-def backend_flags(device: torch.device, cfg: TrainConfig) -> Iterator[None]:
-    """cuDNN autotuning and TF32 matmuls for a CUDA run, restored to what they were when it ends; for a CPU
-    run, freed memory kept for reuse (process-wide and kept: :mod:`sparseopt.memory`)."""
+def backend_flags(device: torch.device, cfg: TrainConfig, distributed: bool = False) -> Iterator[None]:
+    """cuDNN autotuning and TF32 matmuls for a CUDA run, restored to what they were when it ends; for a
+    single-process CPU run, freed memory kept for reuse (process-wide and kept: :mod:`sparseopt.memory`;
+    measured single-process only, so CPU DDP runs, which test rather than train, keep the C library's)."""
     if device.type != "cuda":
-        if device.type == "cpu" and cfg.reuse_memory:
+        if device.type == "cpu" and cfg.reuse_memory and not distributed:
             reuse_freed_memory()
         yield
         return

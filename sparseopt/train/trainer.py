@@ -130,7 +130,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         ended_normally = False
         try:
-            with backend_flags(self.device, self.cfg), self.stop:
+            with backend_flags(self.device, self.cfg, self.env.enabled), self.stop:
                 result = self._run()
             ended_normally = True
             return result
