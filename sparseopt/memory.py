@@ -12,8 +12,8 @@ step grows.
 :func:`reuse_freed_memory` turns both off for the rest of the process (``mallopt``: no ``mmap`` for large
 blocks, no trimming below 2 GB of free top). The process then keeps its peak memory until it exits, which a
 training run reaches within its first step anyway. Process-wide and not undone (glibc cannot go back to its
-adaptive thresholds), so the library never calls it on its own: the command line does, for CPU runs
-(``--reuse-memory``, on by default), and a library user may. Numbers are unchanged: only where memory
+adaptive thresholds), so the library never calls it on its own: the command line does, for
+single-process CPU runs (``--reuse-memory``, on by default), and a library user may. Numbers are unchanged: only where memory
 comes from changes. Outside glibc (macOS, musl) it does nothing and says so by returning False.
 """
 
