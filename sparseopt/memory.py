@@ -5,16 +5,16 @@ glibc's malloc serves a large block (above 128 KB at first, at most 32 MB after 
 above a threshold. A CPU training step allocates and frees the same activations every step; ResNet-50 at
 batch 32 has activations of 100 MB, so every step maps them afresh and the kernel zero-fills each 4 KB
 page on first touch. Measured on a 2-vCPU VM (docs/benchmarks.md): ReLU 540 ms and the residual adds
-320 ms of a 3.0 s forward with the defaults, 34 and 30 ms with the memory kept; a whole masked step 1.42x
-faster, a sparse-kernel step 1.67x. Elementwise work is what gains most, so the sparse kernels' share of a
-step grows.
+320 ms of a 3.0 s forward with the defaults, 34 and 30 ms with the memory kept; whole steps, masked and
+sparse-kernel alike, 1.37-1.67x faster over two pairs of runs. Elementwise work gains most.
 
 :func:`reuse_freed_memory` turns both off for the rest of the process (``mallopt``: no ``mmap`` for large
 blocks, no trimming below 2 GB of free top). The process then keeps its peak memory until it exits, which a
 training run reaches within its first step anyway. Process-wide and not undone (glibc cannot go back to its
 adaptive thresholds), so the library never calls it on its own: the command line does, for
-single-process CPU runs (``--reuse-memory``, on by default), and a library user may. Numbers are unchanged: only where memory
-comes from changes. Outside glibc (macOS, musl) it does nothing and says so by returning False.
+single-process CPU runs (``--reuse-memory``, on by default), and a library user may. Numbers are
+unchanged: only where memory comes from changes. Outside glibc (macOS, musl) it does nothing and says
+so by returning False.
 """
 
 from __future__ import annotations
