@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING = ("seconds", "_per_s", "time")  # wall-clock fields differ run to run
+THREADS = os.environ.get("OMP_NUM_THREADS", "2")  # both sides run with the same count
 
 
 def jobs(data_dir: str) -> dict[str, list[str]]:
@@ -38,8 +39,14 @@ def jobs(data_dir: str) -> dict[str, list[str]]:
     }
 
 
+def commit_of(revision: str) -> str:
+    """The full commit hash of ``revision``."""
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", revision], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def run_job(tree: Path, argv: list[str], out: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": THREADS}
     code = ("import sys, sparseopt; from pathlib import Path\n"
             f"assert Path(sparseopt.__file__).is_relative_to({str(tree)!r}), sparseopt.__file__\n"
             "from sparseopt.cli.main import main; sys.exit(main())")
@@ -104,21 +111,20 @@ def main() -> int:
 
     from sparseopt.native.build import cpu_info
 
-    rev = lambda r: subprocess.run(["git", "-C", str(REPO), "rev-parse", r], capture_output=True, text=True,  # noqa: E731
-                                   check=True).stdout.strip()
-    report = {"before": rev(args.before), "after": rev(args.after) if args.after else f"working tree at {rev('HEAD')}",
+    report = {"before": commit_of(args.before),
+              "after": commit_of(args.after) if args.after else f"working tree at {commit_of('HEAD')}",
               "machine": {"cpu": cpu_info(), "torch": torch.__version__, "python": sys.version.split()[0],
-                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "2")}, "jobs": {}}
+                          "omp_num_threads": THREADS}, "jobs": {}}
     failed = False
     with tempfile.TemporaryDirectory(prefix="same_numbers_") as tmp:
         tmp = Path(tmp)
         trees = {}
-        for side, rev in (("before", args.before), ("after", args.after)):
-            if rev is None:
+        for side, revision in (("before", args.before), ("after", args.after)):
+            if revision is None:
                 trees[side] = REPO
                 continue
             trees[side] = tmp / f"tree_{side}"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(trees[side]), rev],
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(trees[side]), revision],
                            check=True)
         try:
             for name, argv in jobs(args.data_dir).items():

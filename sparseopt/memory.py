@@ -46,3 +46,8 @@ def reuse_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in
                    ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_FREE_TOP), (M_TOP_PAD, TOP_PAD)))
     return _applied
+
+
+def describe(reused: bool) -> str:
+    """How a benchmark's memory was served, for its printed header."""
+    return "freed memory reused" if reused else "the C library's malloc defaults"

@@ -9,6 +9,7 @@ def cmd_bench_train(argv: list[str]) -> int:
     from ..files import write_json
     from ..masks.distributions import DISTRIBUTIONS
     from ..masks.structure import STRUCTURES
+    from ..memory import describe
     from ..topology import DST_METHODS
     from ..train.bench_train import bench_train, default_dataset
     from ..train.config import TrainConfig
@@ -55,9 +56,8 @@ def cmd_bench_train(argv: list[str]) -> int:
     result = bench_train(cfg, threads=args.threads, steps=args.steps, rounds=args.rounds, kernels=args.kernels,
                          layers=not args.no_layers)
     backend = result["backend"]
-    memory = "freed memory reused" if result["reuse_memory"] else "the C library's malloc defaults"
-    print(f"{result['what']}, {result['threads']} threads, {memory}; compiled kernels: {backend['path']} "
-          f"({backend['reason']})")
+    print(f"{result['what']}, {result['threads']} threads, {describe(result['reuse_memory'])}; compiled kernels: "
+          f"{backend['path']} ({backend['reason']})")
     for row in result.get("layers", []):
         print(f"{row['layer']:28s} density {row['density']:.3f}  masked {row['masked_ms']:8.3f} ms  "
               f"sparse {row['sparse_ms']:8.3f} ms  {row['speedup']:.2f}x")

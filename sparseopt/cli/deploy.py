@@ -35,7 +35,7 @@ def cmd_bench_infer(argv: list[str]) -> int:
     from ..files import write_json
     from ..masks.distributions import DISTRIBUTIONS
     from ..masks.structure import STRUCTURES
-    from ..memory import reuse_freed_memory
+    from ..memory import describe, reuse_freed_memory
 
     p = argparse.ArgumentParser(prog="sparseopt bench-infer", allow_abbrev=False,
                                 description="Dense against sparse CPU inference, side by side in one run.")
@@ -74,8 +74,7 @@ def cmd_bench_infer(argv: list[str]) -> int:
     result = bench_inference(model, masks, x, threads=args.threads, rounds=args.rounds, repeats=args.repeats)
     result["what"], result["reuse_memory"] = label, reused
     backend = result["backend"]
-    memory = "freed memory reused" if reused else "the C library's malloc defaults"
-    print(f"{label}, batch {args.batch_size}, {result['threads']} threads, input {tuple(shape)}, {memory}; "
+    print(f"{label}, batch {args.batch_size}, {result['threads']} threads, input {tuple(shape)}, {describe(reused)}; "
           f"compiled kernels: {backend['path']} ({backend['reason']})")
     print(f"{'layer':28s} {'density':>7s} {'kernel':>9s}  ms of each kernel timed")
     for name, layer in result["layers"].items():

@@ -98,9 +98,12 @@ def target_layers(model: nn.Module, targets: Patterns = None, ignore: Patterns =
         if any(p.search(name) for p in wanted):
             logger.warning("not masking %r: %s", name, reason)
     if not chosen:
-        hint = "the model has no blocks (no nn.ModuleList or nn.Sequential)"
-        if wanted or frozen:
-            hint = "targets= names no layer that can be masked" if wanted else "every layer in its blocks is frozen"
+        if wanted:
+            hint = "targets= names no layer that can be masked"
+        elif frozen:
+            hint = "every layer in its blocks is frozen"
+        else:
+            hint = "the model has no blocks (no nn.ModuleList or nn.Sequential)"
         raise ValueError(f"no layer to sparsify: {hint}; pass targets= (regular expressions), layers are for example "
                          f"{every[:4] + (['...'] if len(every) > 4 else [])}")
     return chosen
